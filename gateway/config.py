@@ -1,0 +1,309 @@
+"""The operator's TOML file as typed, validated models; the only module that reads files or the env.
+
+``load_config(path)`` is the one loading path: TOML (stdlib) → pydantic models (unknown keys are
+errors naming their path) → cross-checks → secrets resolved from ``*_env`` / ``*_file``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from gateway.errors import ConfigError
+
+DEFAULT_CONFIG_PATH: Final = "config/gateway.toml"
+CONFIG_ENV: Final = "GATEWAY_CONFIG"
+_SHA256_HEX: Final = re.compile(r"^[0-9a-f]{64}$")
+_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Section):
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=0, le=65535)
+    admin_port: int = Field(default=9091, ge=0, le=65535)
+    max_body_mb: PositiveFloat = 20
+    # Seconds between SIGTERM and closing the listener, with /readyz already 503, so that a load
+    # balancer stops routing here before connections are refused.
+    drain_s: float = Field(default=0, ge=0, le=300)
+    # How long requests in flight may take to finish after the listener is closed.
+    shutdown_timeout_s: float = Field(default=30, gt=0, le=600)
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+
+class ManagerConfig(_Section):
+    base_url: str
+    api: Literal["v1", "v2"] = "v2"
+    timeout_s: PositiveFloat = 15
+    retries: int = Field(default=3, ge=0, le=10)
+    # Size of the keep-alive connection pool towards Manager (per gateway process).
+    pool_size: int = Field(default=100, ge=1, le=1000)
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s?#]+$", value.rstrip("/")):
+            raise ValueError("must be an http(s) URL with no path, e.g. https://manager.example")
+        return value.rstrip("/")
+
+
+class ShopConfig(_Section):
+    org_id: str = Field(min_length=1)
+    shop_id: str = Field(min_length=1)
+    hosts: tuple[str, ...] = ()
+    manager_key_env: str | None = None
+    manager_key_file: str | None = None
+    accept_org_keys: bool = False
+    api: Literal["v1", "v2"] | None = None
+    # Filled by load_config from manager_key_env / manager_key_file; never read from the file.
+    manager_key: SecretStr | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secret(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "manager_key" in data:
+            raise ValueError(
+                "secrets never live in the file: use manager_key_env or manager_key_file"
+            )
+        return data
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(h.strip().lower() for h in value)
+
+    @model_validator(mode="after")
+    def _checks(self) -> ShopConfig:
+        if self.manager_key_env and self.manager_key_file:
+            raise ValueError("set manager_key_env or manager_key_file, not both")
+        if self.accept_org_keys and not self.hosts:
+            raise ValueError("accept_org_keys = true needs hosts")
+        return self
+
+
+class PartnerConfig(_Section):
+    shop: str
+    key_sha256: str
+    source: str | None = None
+    profile: str | None = None
+    pdf: Literal["fetch", "forward"] = "fetch"
+    rate_per_min: int | None = Field(default=None, ge=1)
+    require_reference: bool = False
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _hash(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _SHA256_HEX.match(value):
+            raise ValueError("must be 64 hex characters (see `gateway hash-key`)")
+        return value
+
+
+class ProfileConfig(_Section):
+    """A partner profile: target field → JMESPath expression over the partner's body."""
+
+    fields: dict[str, str]
+    keep_unmapped: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "fields" in data:
+            return data
+        fields = {k: v for k, v in data.items() if k != "keep_unmapped"}
+        for name, expression in fields.items():
+            if not isinstance(expression, str):
+                raise ValueError(f"{name}: must be a JMESPath expression (a string)")
+        return {"fields": fields, "keep_unmapped": data.get("keep_unmapped", False)}
+
+
+class PdfConfig(_Section):
+    max_mb: PositiveFloat = 10
+    timeout_s: PositiveFloat = 10
+    allow_http: bool = False
+    allow_networks: tuple[IPNetwork, ...] = ()
+    allow_hosts: tuple[str, ...] = ()
+    # Ports other than the scheme's default (443, or 80 with allow_http) that may be fetched.
+    allow_ports: tuple[Annotated[int, Field(ge=1, le=65535)], ...] = ()
+
+    @field_validator("allow_networks", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple):
+            try:
+                return tuple(ipaddress.ip_network(v, strict=False) for v in value)
+            except ValueError as exc:
+                raise ValueError(f"not a CIDR network: {exc}") from None
+        return value
+
+    @field_validator("allow_hosts")
+    @classmethod
+    def _allow_hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(h.strip().lower().rstrip(".") for h in value)
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_mb * 1024 * 1024)
+
+
+class IdempotencyConfig(_Section):
+    ttl_hours: PositiveFloat = 24
+    # Upper bound on remembered references per process (memory backend).
+    max_entries: int = Field(default=100_000, ge=100)
+
+
+class StateConfig(_Section):
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url_env: str = "REDIS_URL"
+    share_tokens: bool = False
+
+
+class LoggingConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+
+
+class Config(_Section):
+    """The whole file. Build it with :func:`load_config` (or :func:`parse_config` in tests)."""
+
+    server: ServerConfig = ServerConfig()
+    manager: ManagerConfig
+    shops: dict[str, ShopConfig] = {}
+    partners: dict[str, PartnerConfig] = {}
+    profiles: dict[str, ProfileConfig] = {}
+    pdf: PdfConfig = PdfConfig()
+    idempotency: IdempotencyConfig = IdempotencyConfig()
+    state: StateConfig = StateConfig()
+    logging: LoggingConfig = LoggingConfig()
+    # sha256 of the file's bytes: which configuration is active (logs, metrics, reload).
+    digest: str = Field(default="", exclude=True)
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        for kind, names in (("shops", self.shops), ("partners", self.partners)):
+            for name in names:
+                if not _NAME.match(name):
+                    raise ValueError(f"{kind}.{name}: names use letters, digits, '_', '-', '.'")
+        seen: dict[str, str] = {}
+        for name, partner in self.partners.items():
+            if partner.shop not in self.shops:
+                raise ValueError(f"partners.{name}.shop: no [shops.{partner.shop}] table")
+            if partner.profile is not None and partner.profile not in self.profiles:
+                raise ValueError(f"partners.{name}.profile: no [profiles.{partner.profile}] table")
+            if partner.key_sha256 in seen:
+                raise ValueError(
+                    f"partners.{name}.key_sha256: same key as partners.{seen[partner.key_sha256]}"
+                )
+            seen[partner.key_sha256] = name
+        used = {p.shop for p in self.partners.values()}
+        for name, shop in self.shops.items():
+            if name in used and not (shop.manager_key_env or shop.manager_key_file):
+                raise ValueError(
+                    f"shops.{name}: partners use this shop, so it needs manager_key_env "
+                    "or manager_key_file"
+                )
+        if self.state.backend == "redis":
+            raise ValueError("state.backend: 'redis' is not available in this version yet")
+        return self
+
+    def api_for(self, shop: ShopConfig) -> Literal["v1", "v2"]:
+        return shop.api or self.manager.api
+
+
+def resolve_config_path(path: str | None, environ: Mapping[str, str] | None = None) -> Path:
+    """``--config PATH``, else ``$GATEWAY_CONFIG``, else ``config/gateway.toml``."""
+    env = os.environ if environ is None else environ
+    return Path(path or env.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, validate and resolve the secrets of the configuration file.
+
+    Raises:
+        ConfigError: one line naming the bad key, the missing variable or the unreadable file.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
+    return parse_config(raw, environ=os.environ if environ is None else environ, origin=str(path))
+
+
+def parse_config(
+    raw: bytes | str, *, environ: Mapping[str, str], origin: str = "<config>"
+) -> Config:
+    """Validate TOML text (bytes or str) and resolve its secrets from ``environ`` / files."""
+    data_bytes = raw.encode() if isinstance(raw, str) else raw
+    try:
+        data = tomllib.loads(data_bytes.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{origin}: not valid TOML: {exc}") from exc
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{origin}: {describe_validation_error(exc)}") from None
+    shops = {name: _with_secret(name, shop, environ) for name, shop in config.shops.items()}
+    digest = hashlib.sha256(data_bytes).hexdigest()
+    return config.model_copy(update={"shops": shops, "digest": digest})
+
+
+def _with_secret(name: str, shop: ShopConfig, environ: Mapping[str, str]) -> ShopConfig:
+    if shop.manager_key_env:
+        value = environ.get(shop.manager_key_env, "")
+        if not value.strip():
+            raise ConfigError(
+                f"shops.{name}.manager_key_env: environment variable "
+                f"{shop.manager_key_env} is not set or empty"
+            )
+    elif shop.manager_key_file:
+        try:
+            value = Path(shop.manager_key_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                f"shops.{name}.manager_key_file: cannot read {shop.manager_key_file}: "
+                f"{exc.strerror}"
+            ) from None
+        if not value.strip():
+            raise ConfigError(f"shops.{name}.manager_key_file: {shop.manager_key_file} is empty")
+    else:
+        return shop
+    return shop.model_copy(update={"manager_key": SecretStr(value.strip())})
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """The first problem as ``dotted.key.path: message`` (pydantic's input values left out)."""
+    first = exc.errors(include_url=False, include_input=False)[0]
+    loc = ".".join(str(part) for part in first["loc"] if part != "fields")
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    message = message.removeprefix("Value error, ")
+    more = len(exc.errors()) - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return f"{loc}: {message}{suffix}" if loc else f"{message}{suffix}"
