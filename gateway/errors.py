@@ -155,7 +155,7 @@ class RateLimitedError(PartnerError):
 
 
 class UpstreamRejectedError(PartnerError):
-    """Manager refused the order itself (400/404/409/422): Manager's status and body pass through."""
+    """Manager refused the order itself (400/404/409/422): its status and body pass through."""
 
     code = "upstream_rejected"
     default_message = "Manager rejected the order request; see details."
