@@ -42,16 +42,18 @@ class GatewayError(Exception):
         *,
         details: list[Detail] | None = None,
         headers: Mapping[str, str] | None = None,
+        status: int | None = None,
     ) -> None:
         self.message = message or self.default_message
         self.details = details
         self.headers: dict[str, str] = dict(headers or {})
+        self._status = status
         super().__init__(self.message)
 
     @property
     def http_status(self) -> int:
-        """The status to answer with (instances may override the class default)."""
-        return self.status
+        """The status to answer with: the class's, unless this instance was given its own."""
+        return self._status or self.status
 
 
 class PartnerError(GatewayError):
@@ -161,12 +163,7 @@ class UpstreamRejectedError(PartnerError):
     default_message = "Manager rejected the order request; see details."
 
     def __init__(self, upstream_status: int, body: Detail, message: str | None = None) -> None:
-        super().__init__(message, details=[body])
-        self.upstream_status = upstream_status
-
-    @property
-    def http_status(self) -> int:
-        return self.upstream_status
+        super().__init__(message, details=[body], status=upstream_status)
 
 
 class UpstreamError(GatewayError):
@@ -196,12 +193,7 @@ class UpstreamUnavailableError(UpstreamError):
         retry_after_s: int | None = None,
     ) -> None:
         headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
-        super().__init__(message, headers=headers)
-        self._status = status
-
-    @property
-    def http_status(self) -> int:
-        return self._status
+        super().__init__(message, headers=headers, status=status)
 
 
 class UpstreamTimeoutError(UpstreamError):

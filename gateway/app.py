@@ -1,0 +1,99 @@
+"""Building the aiohttp applications (partner port, admin port) and their services' lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+from aiohttp.abc import AbstractResolver
+
+from gateway.config import Config
+from gateway.gateway import GATEWAY_KEY, Gateway
+from gateway.manager import USER_AGENT, ManagerClient
+from gateway.middleware import create_middleware
+from gateway.observability import Metrics, log_event
+from gateway.pdf import PdfFetcher
+from gateway.routes import add_admin_routes, add_order_routes
+from gateway.runtime import build_runtime
+
+KEEPALIVE_S = 30.0
+
+
+@dataclass(frozen=True)
+class Seams:
+    """What tests replace: time, sleep, randomness, and DNS for the PDF fetcher."""
+
+    clock: Callable[[], float] = time.time
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    rand: Callable[[], float] = random.random
+    pdf_resolver: AbstractResolver | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+
+
+def create_gateway(config: Config, seams: Seams | None = None) -> Gateway:
+    """The shared state for both apps (compiles the configuration)."""
+    seams = seams or Seams()
+    gateway = Gateway(runtime=build_runtime(config), metrics=seams.metrics)
+    gateway.metrics.set_config(config.digest)
+    return gateway
+
+
+def create_app(
+    config: Config, seams: Seams | None = None, *, gateway: Gateway | None = None
+) -> web.Application:
+    """The partner-facing app; with ``admin_port = 0`` it also serves the admin endpoints."""
+    seams = seams or Seams()
+    gateway = gateway or create_gateway(config, seams)
+    app = web.Application(middlewares=[create_middleware(gateway.metrics)])
+    app[GATEWAY_KEY] = gateway
+    add_order_routes(app)
+    if config.server.admin_port == 0:
+        add_admin_routes(app)
+    app.cleanup_ctx.append(_services(gateway, seams))
+    return app
+
+
+def create_admin_app(gateway: Gateway) -> web.Application:
+    """``/healthz``, ``/readyz``, ``/metrics`` for operators and probes, on their own port."""
+    app = web.Application(middlewares=[create_middleware(None)])
+    app[GATEWAY_KEY] = gateway
+    add_admin_routes(app)
+    return app
+
+
+def _services(gateway: Gateway, seams: Seams) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        config = gateway.runtime.config
+        connector = aiohttp.TCPConnector(
+            limit=config.manager.pool_size, keepalive_timeout=KEEPALIVE_S, ttl_dns_cache=300
+        )
+        session = aiohttp.ClientSession(
+            connector=connector,
+            headers={"User-Agent": USER_AGENT},
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        gateway.manager_client = ManagerClient(
+            session, config.manager, metrics=gateway.metrics,
+            clock=seams.clock, sleep=seams.sleep, rand=seams.rand,
+        )  # fmt: skip
+        gateway.pdf_fetcher = PdfFetcher(
+            config.pdf,
+            resolver_inner=seams.pdf_resolver,
+            record=lambda result: gateway.metrics.pdf_fetches.labels(result=result).inc(),
+        )
+        await gateway.pdf_fetcher.start()
+        gateway.started = True
+        log_event(20, "gateway_started", config=gateway.config_digest)
+        try:
+            yield
+        finally:
+            gateway.started = False
+            await gateway.pdf_fetcher.close()
+            await session.close()
+
+    return lifecycle

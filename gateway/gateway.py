@@ -1,0 +1,47 @@
+"""The running gateway's shared state: the active configuration and the long-lived services.
+
+One object per process, held by both the partner app and the admin app. A reload replaces
+``runtime`` in one assignment; the upstream session and token cache are kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+from aiohttp import web
+
+from gateway.manager import ManagerClient
+from gateway.observability import Metrics
+from gateway.pdf import PdfFetcher
+from gateway.runtime import Runtime
+
+
+@dataclass
+class Gateway:
+    runtime: Runtime
+    metrics: Metrics = field(default_factory=Metrics)
+    manager_client: ManagerClient | None = None
+    pdf_fetcher: PdfFetcher | None = None
+    started: bool = False
+    draining: bool = False
+
+    @property
+    def config_digest(self) -> str:
+        """Short id of the active configuration (sha256 of the file), for logs and /readyz."""
+        return self.runtime.config.digest[:16]
+
+    @property
+    def manager(self) -> ManagerClient:
+        if self.manager_client is None:
+            raise RuntimeError("the gateway's services are not started")
+        return self.manager_client
+
+    @property
+    def pdf(self) -> PdfFetcher:
+        if self.pdf_fetcher is None:
+            raise RuntimeError("the gateway's services are not started")
+        return self.pdf_fetcher
+
+
+GATEWAY_KEY: Final = web.AppKey("gateway", Gateway)

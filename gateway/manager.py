@@ -1,0 +1,275 @@
+"""The Manager client: sends one order request (v1 with the org key, v2 with a cached JWT).
+
+Retries transient failures with backoff inside one deadline and maps every answer to the
+contract's errors. No aiohttp exception leaves this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Final, Literal
+
+import aiohttp
+
+from gateway.config import ManagerConfig
+from gateway.errors import (
+    GatewayError,
+    UnauthorizedError,
+    UpstreamAuthFailedError,
+    UpstreamRejectedError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
+from gateway.observability import Metrics, log_event
+from gateway.retry import (
+    Outcome,
+    backoff_delay,
+    classify_status,
+    parse_retry_after,
+    to_retry_after_header,
+)
+from gateway.tokens import Token, TokenCache, TokenReplyError, parse_token_reply
+
+MAX_ERROR_BODY: Final = 4096
+USER_AGENT: Final = "telemed-gateway/0.1"
+
+
+class OrgKeyRefusedError(UnauthorizedError):
+    """Manager refused a caller's own org key (``accept_org_keys`` shops): the caller must act."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTarget:
+    """Where and as whom an order request goes."""
+
+    org_id: str
+    api: Literal["v1", "v2"]
+    key: str
+    from_caller: bool = False  # the caller's own org key (its refusal is the caller's problem)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamReply:
+    status: int
+    body: bytes
+    content_type: str
+    retry_after: str | None = None
+
+
+class _Transient(Exception):
+    """An attempt failed in a way that a retry may fix."""
+
+    def __init__(self, reason: str, status: int | None = None, retry_after: float | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+        self.retry_after = retry_after
+
+
+class ManagerClient:
+    """Sends order requests to Manager through one shared session (its connection pool)."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        config: ManagerConfig,
+        *,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self._session = session
+        self._config = config
+        self._metrics = metrics
+        self._clock = clock
+        self._sleep = sleep
+        self._rand = rand
+        self.tokens = TokenCache(self._fetch_token, clock=clock)
+
+    def with_config(self, config: ManagerConfig) -> ManagerClient:
+        """A client for a reloaded configuration that keeps the session and the token cache."""
+        client = ManagerClient(
+            self._session, config, metrics=self._metrics,
+            clock=self._clock, sleep=self._sleep, rand=self._rand,
+        )  # fmt: skip
+        client.tokens = self.tokens
+        return client
+
+    async def send_order_request(self, target: UpstreamTarget, body: bytes) -> UpstreamReply:
+        """POST the envelope to Manager, retrying transient failures within ``timeout_s``.
+
+        Raises:
+            UpstreamRejectedError, UpstreamAuthFailedError, OrgKeyRefusedError,
+            UpstreamUnavailableError, UpstreamTimeoutError.
+        """
+        deadline = self._clock() + self._config.timeout_s
+        try:
+            async with asyncio.timeout(self._config.timeout_s):
+                return await self._send_with_retries(target, body, deadline)
+        except TimeoutError:
+            raise UpstreamTimeoutError() from None
+
+    async def _send_with_retries(
+        self, target: UpstreamTarget, body: bytes, deadline: float
+    ) -> UpstreamReply:
+        attempt = 0
+        refreshed = False
+        while True:
+            try:
+                reply = await self._attempt(target, body, deadline)
+            except _Transient as exc:
+                failure = exc
+            except _TokenRefused as exc:
+                raise _auth_error(target, exc.reply) from None
+            else:
+                outcome = classify_status(reply.status)
+                if outcome is Outcome.SUCCESS:
+                    return reply
+                if outcome is Outcome.AUTH and reply.status == 401 and target.api == "v2":
+                    if not refreshed:
+                        # The token may have been revoked or expired early: one new token, once.
+                        refreshed = True
+                        log_event(20, "upstream_token_refused", upstream_status=401)
+                        continue
+                if outcome is not Outcome.RETRY:
+                    raise self._final_error(target, reply)
+                failure = _Transient(
+                    "status", reply.status, parse_retry_after(reply.retry_after, self._clock())
+                )
+            if attempt >= self._config.retries:
+                raise self._exhausted(failure)
+            delay = max(failure.retry_after or 0.0, backoff_delay(attempt, self._rand))
+            if self._clock() + delay >= deadline:
+                raise self._exhausted(failure)
+            attempt += 1
+            log_event(
+                30, "upstream_retry", attempt=attempt, upstream_status=failure.status,
+                reason=failure.reason, delay_ms=round(delay * 1000),
+            )  # fmt: skip
+            await self._sleep(delay)
+
+    async def _attempt(self, target: UpstreamTarget, body: bytes, deadline: float) -> UpstreamReply:
+        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
+        token: Token | None = None
+        if target.api == "v2":
+            token = await self.tokens.get(target.org_id, target.key)
+            headers["Authorization"] = f"Bearer {token.value}"
+        else:
+            headers["apikey"] = target.key
+        url = f"{self._config.base_url}/api/{target.api}/public/orgs/{target.org_id}/order-requests"
+        started = time.perf_counter()
+        reply = await self._post(url, headers, body, deadline)
+        self._metrics.upstream_duration.observe(time.perf_counter() - started)
+        self._metrics.upstream_requests.labels(status=str(reply.status)).inc()
+        if token is not None and reply.status == 401:
+            self.tokens.invalidate(target.org_id, target.key, token)
+        return reply
+
+    async def _post(
+        self, url: str, headers: Mapping[str, str], body: bytes | None, deadline: float
+    ) -> UpstreamReply:
+        remaining = max(0.001, deadline - self._clock())
+        try:
+            async with self._session.post(
+                url,
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=remaining),
+                allow_redirects=False,
+            ) as response:
+                data = await response.read()
+                return UpstreamReply(
+                    response.status,
+                    data,
+                    response.content_type,
+                    response.headers.get("Retry-After"),
+                )
+        except TimeoutError:
+            self._metrics.upstream_requests.labels(status="timeout").inc()
+            raise
+        except aiohttp.ClientError as exc:
+            self._metrics.upstream_requests.labels(status="error").inc()
+            raise _Transient(exc.__class__.__name__) from exc
+
+    async def _fetch_token(self, org_id: str, key: str) -> Token:
+        url = f"{self._config.base_url}/api/v2/public/orgs/{org_id}/auth/token"
+        headers = {"apikey": key, "User-Agent": USER_AGENT}
+        deadline = self._clock() + self._config.timeout_s
+        try:
+            reply = await self._post(url, headers, None, deadline)
+        except (_Transient, TimeoutError):
+            self._metrics.token_fetches.labels(result="error").inc()
+            raise
+        outcome = classify_status(reply.status)
+        if outcome is Outcome.SUCCESS:
+            try:
+                token = parse_token_reply(json.loads(reply.body), self._clock())
+            except (ValueError, TokenReplyError) as exc:
+                self._metrics.token_fetches.labels(result="invalid").inc()
+                log_event(40, "token_reply_unusable", reason=str(exc), org_id=org_id)
+                raise UpstreamUnavailableError(
+                    "Manager's token reply could not be used; the order was not delivered."
+                ) from None
+            self._metrics.token_fetches.labels(result="ok").inc()
+            log_event(20, "token_fetched", org_id=org_id)
+            return token
+        if outcome is Outcome.AUTH:
+            self._metrics.token_fetches.labels(result="refused").inc()
+            raise _TokenRefused(reply)
+        self._metrics.token_fetches.labels(result="error").inc()
+        if outcome is Outcome.RETRY:
+            raise _Transient(
+                "token_status", reply.status, parse_retry_after(reply.retry_after, self._clock())
+            )
+        raise UpstreamUnavailableError(f"Manager's token endpoint answered {reply.status}.")
+
+    def _final_error(self, target: UpstreamTarget, reply: UpstreamReply) -> GatewayError:
+        outcome = classify_status(reply.status)
+        if outcome is Outcome.REJECTED:
+            return UpstreamRejectedError(reply.status, _error_body(reply.body))
+        if outcome is Outcome.AUTH:
+            return _auth_error(target, reply)
+        log_event(40, "upstream_failed", upstream_status=reply.status)
+        return UpstreamUnavailableError(
+            f"Manager answered {reply.status}; the order was not delivered."
+        )
+
+    def _exhausted(self, failure: _Transient) -> GatewayError:
+        if failure.status == 429:
+            return UpstreamUnavailableError(
+                "Manager is asking the gateway to slow down; the order was not delivered.",
+                status=503,
+                retry_after_s=to_retry_after_header(failure.retry_after),
+            )
+        reason = f"answered {failure.status}" if failure.status else "could not be reached"
+        return UpstreamUnavailableError(f"Manager {reason}; the order was not delivered.")
+
+
+class _TokenRefused(Exception):
+    def __init__(self, reply: UpstreamReply) -> None:
+        super().__init__("token refused")
+        self.reply = reply
+
+
+def _auth_error(target: UpstreamTarget, reply: UpstreamReply) -> GatewayError:
+    if target.from_caller:
+        return OrgKeyRefusedError()
+    body = _error_body(reply.body)
+    log_event(40, "upstream_auth_failed", upstream_status=reply.status, reason=body.get("error"))
+    return UpstreamAuthFailedError()
+
+
+def _error_body(raw: bytes) -> dict[str, object]:
+    if len(raw) > MAX_ERROR_BODY:
+        return {"message": "Manager's answer is too large to include."}
+    try:
+        parsed = json.loads(raw) if raw else {}
+    except (ValueError, UnicodeDecodeError):
+        return {"message": raw.decode("utf-8", "replace")}
+    return parsed if isinstance(parsed, dict) else {"body": parsed}

@@ -1,0 +1,128 @@
+"""The HTTP edge of every request: request id, timing, request log, and GatewayError → JSON.
+
+This is the only place that builds error responses; aiohttp's own 404/405/413 are rendered here
+too, so a partner never sees anything but the contract's JSON error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+from aiohttp import web
+
+from gateway.errors import (
+    GatewayError,
+    MethodNotAllowedError,
+    NotFoundError,
+    PartnerError,
+    PayloadTooLargeError,
+    UnsupportedMediaTypeError,
+)
+from gateway.observability import Metrics, log_context, log_event
+
+REQUEST_ID_HEADER: Final = "X-Request-ID"
+_SAFE_REQUEST_ID: Final = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+REQUEST_INFO_KEY: Final = "gateway_request_info"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def build_request_id(incoming: str | None) -> str:
+    """The caller's id when it is safe to echo and log; a fresh one otherwise."""
+    if incoming and _SAFE_REQUEST_ID.match(incoming):
+        return incoming
+    return uuid.uuid4().hex
+
+
+def error_response(error: GatewayError, request_id: str) -> web.Response:
+    body: dict[str, object] = {
+        "error": error.code,
+        "message": error.message,
+        "request_id": request_id,
+    }
+    if error.details:
+        body["details"] = error.details
+    return web.json_response(body, status=error.http_status, headers=error.headers)
+
+
+_HTTP_ERRORS: Final[dict[int, type[PartnerError]]] = {
+    404: NotFoundError,
+    405: MethodNotAllowedError,
+    413: PayloadTooLargeError,
+    415: UnsupportedMediaTypeError,
+}
+
+
+def to_gateway_error(exc: web.HTTPException) -> GatewayError:
+    """aiohttp's own HTTP errors (routing, body size) as the contract's errors."""
+    cls = _HTTP_ERRORS.get(exc.status)
+    if cls is not None:
+        return cls()
+    return PartnerError(exc.reason, status=exc.status)
+
+
+def request_info(request: web.Request) -> dict[str, object]:
+    """Fields the handler adds to the request's log line and metrics (partner, upstream status)."""
+    info = request.get(REQUEST_INFO_KEY)
+    if info is None:
+        info = {}
+        request[REQUEST_INFO_KEY] = info
+    assert isinstance(info, dict)
+    return info
+
+
+def create_middleware(metrics: Metrics | None) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """The middleware for the partner app (with metrics) or the admin app (``metrics=None``)."""
+
+    @web.middleware
+    async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request_id = build_request_id(request.headers.get(REQUEST_ID_HEADER))
+        started = time.perf_counter()
+        info = request_info(request)
+        with log_context(request_id=request_id):
+            if metrics is not None:
+                metrics.in_flight.inc()
+            try:
+                response = await _answer(request, handler, request_id)
+            finally:
+                if metrics is not None:
+                    metrics.in_flight.dec()
+            response.headers[REQUEST_ID_HEADER] = request_id
+            if metrics is not None:
+                elapsed = time.perf_counter() - started
+                partner = str(info.get("partner", "unknown"))
+                metrics.requests.labels(partner=partner, code=str(response.status)).inc()
+                metrics.request_duration.observe(elapsed)
+                log_event(
+                    20, "request", method=request.method, path=request.path,
+                    status=response.status, code=info.get("code"),
+                    duration_ms=round(elapsed * 1000, 2),
+                    upstream_status=info.get("upstream_status"), replayed=info.get("replayed"),
+                )  # fmt: skip
+        return response
+
+    return gateway_middleware
+
+
+async def _answer(request: web.Request, handler: Handler, request_id: str) -> web.StreamResponse:
+    info = request_info(request)
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        error = exc
+    except web.HTTPException as exc:
+        error = to_gateway_error(exc)
+    except asyncio.CancelledError:
+        raise  # the client went away; aiohttp finishes the task
+    except Exception:
+        log_event(40, "internal_error", exc_info=True)
+        error = GatewayError()
+    info["code"] = error.code
+    if error.http_status >= 500:
+        log_event(40, "request_failed", code=error.code, status=error.http_status)
+    return error_response(error, request_id)

@@ -1,0 +1,229 @@
+"""A partner's body → the canonical envelope: the partner's profile (JMESPath), then built-in rules.
+
+Pure code: no I/O, no aiohttp. The result is a plain dict that ``models.parse_envelope`` checks
+and that is forwarded as it is, so values the gateway does not know pass through untouched.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import jmespath
+import jmespath.exceptions
+from jmespath.parser import ParsedResult
+
+from gateway.errors import ConfigError, ShopMismatchError, ValidationFailedError
+
+ENVELOPE_FIELDS: Final = frozenset({"external_reference", "source", "payload"})
+NUMERIC_LINE_FIELDS: Final = ("quantity", "price")
+NUMERIC_PAYLOAD_FIELDS: Final = ("total_amount",)
+_NUMERIC: Final = re.compile(r"^\s*-?\d+(\.\d+)?\s*$")
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """A compiled ``[profiles.NAME]`` table."""
+
+    name: str
+    fields: tuple[tuple[str, ParsedResult], ...]
+    keep_unmapped: bool
+    # Top-level names the expressions read; with keep_unmapped, the other body keys are copied.
+    referenced: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What normalization needs to know about the caller and its shop."""
+
+    partner: str
+    shop_id: str
+    org_id: str
+    default_source: str
+    require_reference: bool = False
+    profile: Profile | None = None
+
+
+def compile_profile(name: str, fields: Mapping[str, str], keep_unmapped: bool) -> Profile:
+    """Compile every expression once, at configuration load.
+
+    Raises:
+        ConfigError: naming the profile and the field whose expression does not parse.
+    """
+    compiled: list[tuple[str, ParsedResult]] = []
+    referenced: set[str] = set()
+    for target, expression in fields.items():
+        try:
+            parsed = jmespath.compile(expression)
+        except jmespath.exceptions.JMESPathError as exc:
+            raise ConfigError(
+                f"profiles.{name}.{target}: not a valid JMESPath expression "
+                f"({exc.__class__.__name__})"
+            ) from None
+        compiled.append((target, parsed))
+        referenced.update(_field_names(parsed.parsed))
+    return Profile(name, tuple(compiled), keep_unmapped, frozenset(referenced))
+
+
+def _field_names(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        if node.get("type") == "field" and isinstance(node.get("value"), str):
+            yield node["value"]
+        for child in node.get("children", ()):
+            yield from _field_names(child)
+    elif isinstance(node, list):
+        for child in node:
+            yield from _field_names(child)
+
+
+def apply_profile(body: Mapping[str, object], profile: Profile) -> dict[str, object]:
+    """Map a partner's own shape to the flat shape (payload fields plus reference and source).
+
+    Raises:
+        ValidationFailedError: an expression could not be evaluated on this body.
+    """
+    flat: dict[str, object] = {}
+    if profile.keep_unmapped:
+        flat.update((k, v) for k, v in body.items() if k not in profile.referenced)
+    problems: list[Mapping[str, object]] = []
+    for target, expression in profile.fields:
+        try:
+            value = expression.search(body)
+        except jmespath.exceptions.JMESPathError:
+            # jmespath's message quotes the values it saw: health data, so it is not passed on.
+            problems.append(
+                {"field": target, "message": f"profile {profile.name}: the expression does not fit"}
+            )
+            continue
+        if value is None:
+            flat.pop(target, None)
+        else:
+            flat[target] = value
+    if problems:
+        raise ValidationFailedError(details=problems)
+    return flat
+
+
+def build_envelope(
+    body: Mapping[str, object],
+    target: Target,
+    *,
+    idempotency_key: str | None,
+    new_reference: Callable[[], str],
+) -> dict[str, object]:
+    """Turn a partner body (envelope, flat, or profiled shape) into the canonical envelope dict.
+
+    Raises:
+        ShopMismatchError: the body names another shop or org.
+        ValidationFailedError: alias conflicts, or a reference required and missing.
+    """
+    if target.profile is not None:
+        body = apply_profile(body, target.profile)
+    if "payload" in body:
+        envelope = {k: v for k, v in body.items() if k != "payload"}
+        payload_in = body["payload"]
+    else:
+        envelope = {k: body[k] for k in ("external_reference", "source") if k in body}
+        payload_in = {k: v for k, v in body.items() if k not in ENVELOPE_FIELDS}
+    _check_shop(envelope, target)
+    if isinstance(payload_in, Mapping):
+        _check_shop(payload_in, target)
+        payload: object = build_payload(payload_in, target.shop_id)
+    else:
+        payload = payload_in  # validation reports that it is not an object
+    envelope["external_reference"] = _reference(envelope, target, idempotency_key, new_reference)
+    if envelope.get("source") in (None, ""):
+        envelope["source"] = target.default_source
+    envelope["payload"] = payload
+    for key in ("shop_id", "org_id"):
+        envelope.pop(key, None)
+    return envelope
+
+
+def build_payload(payload_in: Mapping[str, object], shop_id: str) -> dict[str, object]:
+    """Apply the per-field rules: aliases, numeric strings, the shop injected."""
+    problems: list[Mapping[str, object]] = []
+    payload: dict[str, object] = {"shop_id": shop_id}
+    payload.update((k, v) for k, v in payload_in.items() if k not in ("shop_id", "org_id"))
+    if "prescription_url" in payload:
+        alias = payload.pop("prescription_url")
+        if payload.get("prescription_pdf_url") not in (None, alias):
+            problems.append(
+                {
+                    "field": "payload.prescription_url",
+                    "message": "differs from prescription_pdf_url; send one of them",
+                }
+            )
+        elif alias is not None:
+            payload["prescription_pdf_url"] = alias
+    for name in NUMERIC_PAYLOAD_FIELDS:
+        if name in payload:
+            payload[name] = to_number(payload[name])
+    items = payload.get("items")
+    if isinstance(items, list):
+        payload["items"] = [_build_line(line, i, problems) for i, line in enumerate(items)]
+    if problems:
+        raise ValidationFailedError(details=problems)
+    return payload
+
+
+def _build_line(line: object, index: int, problems: list[Mapping[str, object]]) -> object:
+    if not isinstance(line, Mapping):
+        return line
+    out = dict(line)
+    if "qty" in out:
+        qty = to_number(out.pop("qty"))
+        if "quantity" in out and to_number(out["quantity"]) != qty:
+            problems.append(
+                {
+                    "field": f"payload.items[{index}].qty",
+                    "message": "qty and quantity differ; send one of them",
+                }
+            )
+        out["quantity"] = qty
+    for name in NUMERIC_LINE_FIELDS:
+        if name in out:
+            out[name] = to_number(out[name])
+    return out
+
+
+def to_number(value: object) -> object:
+    """``"5"`` → 5, ``"8.59"`` → 8.59; anything else is returned as it is, for validation."""
+    if isinstance(value, str) and _NUMERIC.match(value):
+        text = value.strip()
+        return float(text) if "." in text else int(text)
+    return value
+
+
+def _check_shop(data: Mapping[str, object], target: Target) -> None:
+    for key, expected in (("shop_id", target.shop_id), ("org_id", target.org_id)):
+        value = data.get(key)
+        if value is not None and str(value) != expected:
+            raise ShopMismatchError(f"The body's {key} is not the shop this key belongs to.")
+
+
+def _reference(
+    envelope: Mapping[str, object],
+    target: Target,
+    idempotency_key: str | None,
+    new_reference: Callable[[], str],
+) -> object:
+    value = envelope.get("external_reference")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if value not in (None, ""):
+        return value  # a non-string is reported by validation
+    if idempotency_key:
+        return idempotency_key
+    if target.require_reference:
+        raise ValidationFailedError(
+            details=[
+                {
+                    "field": "external_reference",
+                    "message": "this partner must send external_reference (or Idempotency-Key)",
+                }
+            ]
+        )
+    return f"{target.partner}-{new_reference()}"

@@ -1,0 +1,165 @@
+"""Logs and metrics: one JSON object per log line with a fixed set of fields, Prometheus metrics.
+
+Redaction is by construction: the formatter writes only the fields named in ``LOG_FIELDS``, so a
+key, token, customer's name, email, address or PDF cannot reach the log by accident. Request-scoped
+fields (request id, partner, shop) come from a context variable set once per request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LOGGER_NAME: Final = "gateway"
+# Every field a log line may carry. Nothing else is written, whatever a caller passes.
+LOG_FIELDS: Final = (
+    "request_id",
+    "partner",
+    "shop",
+    "method",
+    "path",
+    "status",
+    "code",
+    "duration_ms",
+    "upstream_status",
+    "external_reference",
+    "attempt",
+    "delay_ms",
+    "reason",
+    "org_id",
+    "api",
+    "config",
+    "host",
+    "port",
+    "admin_port",
+    "version",
+    "replayed",
+    "result",
+)
+_CONTEXT: ContextVar[Mapping[str, object] | None] = ContextVar("gateway_log_context", default=None)
+
+log = logging.getLogger(LOGGER_NAME)
+
+
+def log_event(level: int, event: str, /, *, exc_info: bool = False, **fields: object) -> None:
+    """Log ``event`` with whitelisted ``fields`` (others are dropped by the formatter)."""
+    if log.isEnabledFor(level):
+        log.log(level, event, exc_info=exc_info, extra={"fields": fields})
+
+
+@contextmanager
+def log_context(**fields: object) -> Iterator[None]:
+    """Fields added to every log line written inside the block (one request)."""
+    token = _CONTEXT.set({**(_CONTEXT.get() or {}), **fields})
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+def bind_log_context(**fields: object) -> None:
+    """Add fields to the current block's context (e.g. the partner, once authenticated)."""
+    _CONTEXT.set({**(_CONTEXT.get() or {}), **fields})
+
+
+def _collect(record: logging.LogRecord) -> dict[str, object]:
+    fields: dict[str, object] = {}
+    for source in (_CONTEXT.get() or {}, getattr(record, "fields", None) or {}):
+        for name in LOG_FIELDS:
+            if name in source and source[name] is not None:
+                fields[name] = source[name]
+    if record.exc_info and record.exc_info[0] is not None:
+        # Type and frames only: an exception's message may quote input (health data).
+        fields["exc_type"] = record.exc_info[0].__name__
+        frames = traceback.extract_tb(record.exc_info[2])
+        fields["stack"] = [f"{f.filename}:{f.lineno} {f.name}" for f in frames[-8:]]
+    return fields
+
+
+class JsonFormatter(logging.Formatter):
+    """``{"time", "level", "event", …whitelisted fields}`` on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "event": record.msg if isinstance(record.msg, str) else "log",
+        }
+        line.update(_collect(record))
+        return json.dumps(line, default=str, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """``time level event key=value …`` for people reading a terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.fromtimestamp(record.created, UTC).strftime("%H:%M:%S")
+        event = record.msg if isinstance(record.msg, str) else "log"
+        pairs = " ".join(f"{k}={v}" for k, v in _collect(record).items())
+        return f"{when} {record.levelname.lower():7} {event} {pairs}".rstrip()
+
+
+def setup_logging(level: str = "info", fmt: str = "json", stream: object = None) -> None:
+    """Route the gateway's logger to stdout as JSON (or text); quiet aiohttp's own loggers."""
+    handler = logging.StreamHandler(stream or sys.stdout)  # type: ignore[arg-type]
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    log.handlers[:] = [handler]
+    log.setLevel(level.upper())
+    log.propagate = False
+    # aiohttp logs request lines and payload fragments; the gateway writes its own request log.
+    for name in ("aiohttp.access", "aiohttp.server", "aiohttp.web", "aiohttp.client"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+DURATION_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 15)
+
+
+class Metrics:
+    """The contract's metrics, in a registry of their own (one per app, so tests do not collide)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests", "Partner requests by partner and answer code.",
+            ["partner", "code"], registry=r,
+        )  # fmt: skip
+        self.request_duration = Histogram(
+            "gateway_request_duration_seconds", "Time to answer a partner request.",
+            buckets=DURATION_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.upstream_requests = Counter(
+            "gateway_upstream_requests", "Calls to Manager's order-requests by status.",
+            ["status"], registry=r,
+        )  # fmt: skip
+        self.upstream_duration = Histogram(
+            "gateway_upstream_duration_seconds", "Time of one call to Manager.",
+            buckets=DURATION_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.token_fetches = Counter(
+            "gateway_token_fetches", "Token exchanges with Manager by result.",
+            ["result"], registry=r,
+        )  # fmt: skip
+        self.pdf_fetches = Counter(
+            "gateway_pdf_fetches", "Prescription PDF downloads by result.", ["result"], registry=r
+        )
+        self.config_info = Gauge(
+            "gateway_config_info", "The active configuration (sha256 of the file).",
+            ["digest"], registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "gateway_requests_in_flight", "Partner requests being processed.", registry=r
+        )
+
+    def set_config(self, digest: str) -> None:
+        self.config_info.clear()
+        self.config_info.labels(digest=digest[:16]).set(1)

@@ -1,0 +1,106 @@
+"""The order pipeline, in the contract's order: map → normalize → validate → PDF → forward.
+
+Cheap checks come first, so an invalid order never triggers a download or an upstream call.
+HTTP stays outside: this module takes a parsed body and returns Manager's reply.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from gateway.errors import (
+    PayloadTooLargeError,
+    PrescriptionPdfInvalidError,
+    ValidationFailedError,
+)
+from gateway.manager import ManagerClient, UpstreamReply
+from gateway.models import parse_envelope
+from gateway.normalize import build_envelope
+from gateway.observability import bind_log_context
+from gateway.pdf import PdfFetcher, check_inline_pdf, is_pdf
+from gateway.runtime import Route
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedOrder:
+    """A validated canonical envelope, ready for the PDF step and Manager."""
+
+    envelope: dict[str, object]
+    payload: dict[str, object]
+    reference: str
+    uploaded: bool = False  # the PDF came as a multipart file and is already checked
+
+
+def prepare_order(
+    body: Mapping[str, object],
+    route: Route,
+    *,
+    idempotency_key: str | None,
+    prescription: bytes | None = None,
+    max_pdf_bytes: int,
+) -> PreparedOrder:
+    """Map, normalize and validate (pure): the envelope that would be sent, minus fetched PDFs.
+
+    ``prescription`` is a PDF uploaded as a multipart file; it becomes ``prescription_pdf_base64``.
+    """
+    envelope = build_envelope(
+        body, route.target, idempotency_key=idempotency_key, new_reference=_new_reference
+    )
+    payload = envelope["payload"]
+    if prescription is not None and isinstance(payload, dict):
+        attach_prescription(payload, prescription, max_pdf_bytes)
+    parsed = parse_envelope(envelope)
+    assert isinstance(payload, dict)  # parse_envelope has checked it is an object
+    return PreparedOrder(envelope, payload, parsed.external_reference, prescription is not None)
+
+
+def attach_prescription(payload: dict[str, object], data: bytes, max_bytes: int) -> None:
+    """Put an uploaded PDF into the payload, after the same checks as an inline one."""
+    if payload.get("prescription_pdf_base64") or payload.get("prescription_pdf_url"):
+        raise ValidationFailedError(
+            details=[
+                {
+                    "field": "prescription",
+                    "message": "the order already carries a prescription; send it once",
+                }
+            ]
+        )
+    if len(data) > max_bytes:
+        raise PayloadTooLargeError(
+            f"The prescription PDF is larger than {max_bytes / 1048576:g} MB."
+        )
+    if not is_pdf(data):
+        raise PrescriptionPdfInvalidError("The uploaded prescription is not a PDF.")
+    payload["prescription_pdf_base64"] = base64.b64encode(data).decode("ascii")
+
+
+async def submit_order(
+    order: PreparedOrder,
+    route: Route,
+    *,
+    manager: ManagerClient,
+    pdf: PdfFetcher,
+    max_pdf_bytes: int,
+) -> UpstreamReply:
+    """Check or fetch the prescription PDF, then forward the envelope to Manager."""
+    bind_log_context(external_reference=order.reference)
+    payload = order.payload
+    inline = payload.get("prescription_pdf_base64")
+    if inline is not None and not order.uploaded:
+        check_inline_pdf(inline, max_pdf_bytes)
+    elif route.pdf == "fetch" and isinstance(payload.get("prescription_pdf_url"), str):
+        url = payload["prescription_pdf_url"]
+        assert isinstance(url, str)
+        data = await pdf.fetch_pdf(url)
+        payload["prescription_pdf_base64"] = base64.b64encode(data).decode("ascii")
+        del payload["prescription_pdf_url"]
+    body = json.dumps(order.envelope, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return await manager.send_order_request(route.upstream, body)
+
+
+def _new_reference() -> str:
+    return str(uuid.uuid4())

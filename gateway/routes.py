@@ -1,0 +1,87 @@
+"""Thin handlers: the partner's order endpoint, and the admin endpoints for operators and probes."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.gateway import GATEWAY_KEY
+from gateway.intake import read_intake
+from gateway.manager import OrgKeyRefusedError
+from gateway.observability import bind_log_context
+from gateway.orders import prepare_order, submit_order
+
+ORDER_PATH: Final = "/api/v1/external-order"
+KEY_HEADERS: Final = ("apikey", "X-API-Key")
+
+
+def presented_key(request: web.Request) -> str | None:
+    """The partner's key from ``apikey``, ``X-API-Key`` or ``?apikey=`` (in that order)."""
+    for name in KEY_HEADERS:
+        value = request.headers.get(name)
+        if value:
+            return value.strip()
+    return request.query.get("apikey") or None
+
+
+async def external_order(request: web.Request) -> web.Response:
+    """``POST /api/v1/external-order``: authenticate, read, map, validate, forward."""
+    gateway = request.app[GATEWAY_KEY]
+    runtime = gateway.runtime  # one read: the whole request runs on this configuration
+    # Authentication comes before the body is read: an unknown key costs us no upload.
+    caller = runtime.registry.resolve(presented_key(request), request.host)
+    bind_log_context(partner=caller.name, shop=caller.shop.name)
+    route = runtime.route_for(caller)
+    intake = await read_intake(request, runtime.config.server.max_body_bytes)
+    order = prepare_order(
+        intake.body,
+        route,
+        idempotency_key=request.headers.get("Idempotency-Key"),
+        prescription=intake.prescription,
+        max_pdf_bytes=runtime.config.pdf.max_bytes,
+    )
+    try:
+        reply = await submit_order(
+            order, route, manager=gateway.manager, pdf=gateway.pdf,
+            max_pdf_bytes=runtime.config.pdf.max_bytes,
+        )  # fmt: skip
+    except OrgKeyRefusedError:
+        assert caller.org_key is not None
+        runtime.registry.remember_refusal(caller.org_key)
+        raise
+    return web.Response(
+        status=reply.status, body=reply.body, content_type=reply.content_type or "application/json"
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY_KEY]
+    if gateway.draining:
+        return web.json_response({"status": "draining"}, status=503)
+    if not gateway.started:
+        return web.json_response({"status": "starting"}, status=503)
+    return web.json_response({"status": "ready", "config": gateway.config_digest})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    registry = request.app[GATEWAY_KEY].metrics.registry
+    response = web.Response(body=generate_latest(registry))
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
+def add_order_routes(app: web.Application) -> None:
+    app.router.add_post(ORDER_PATH, external_order)
+    app.router.add_post(ORDER_PATH + "/", external_order)
+
+
+def add_admin_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)

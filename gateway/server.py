@@ -1,0 +1,83 @@
+"""Running the gateway: both ports, signals (SIGTERM drains, SIGHUP reloads), graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.app import create_admin_app, create_app, create_gateway
+from gateway.config import Config, load_config
+from gateway.errors import ConfigError
+from gateway.gateway import Gateway
+from gateway.observability import log_event
+from gateway.runtime import build_runtime
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str
+    port: int
+    admin_port: int
+
+
+def reload_config(gateway: Gateway, path: Path) -> bool:
+    """Re-read the file; swap it in if valid, keep the old one (and say why) if not."""
+    try:
+        config = load_config(path)
+        runtime = build_runtime(config)
+    except ConfigError as exc:
+        log_event(40, "config_reload_refused", reason=str(exc), config=gateway.config_digest)
+        return False
+    old = gateway.runtime.config
+    if config.manager != old.manager and gateway.manager_client is not None:
+        gateway.manager_client = gateway.manager_client.with_config(config.manager)
+    if config.pdf != old.pdf and gateway.pdf_fetcher is not None:
+        gateway.pdf_fetcher.reconfigure(config.pdf)
+    gateway.runtime = runtime  # one assignment: requests in flight keep the runtime they read
+    gateway.metrics.set_config(config.digest)
+    log_event(20, "config_reloaded", config=gateway.config_digest)
+    return True
+
+
+async def serve(config: Config, path: Path, listen: Listen) -> None:
+    """Serve until SIGTERM or SIGINT, then drain: /readyz 503, finish requests in flight, stop."""
+    gateway = create_gateway(config)
+    runner = web.AppRunner(
+        create_app(config, gateway=gateway),
+        access_log=None,  # the middleware writes one structured line per request instead
+        shutdown_timeout=config.server.shutdown_timeout_s,
+    )
+    await runner.setup()
+    await web.TCPSite(runner, listen.host, listen.port).start()
+    admin: web.AppRunner | None = None
+    if listen.admin_port:
+        admin = web.AppRunner(create_admin_app(gateway), access_log=None, shutdown_timeout=1)
+        await admin.setup()
+        await web.TCPSite(admin, listen.host, listen.admin_port).start()
+    log_event(
+        20, "listening", host=listen.host, port=listen.port, admin_port=listen.admin_port or None,
+        config=gateway.config_digest,
+    )  # fmt: skip
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_config, gateway, path)
+    try:
+        await stop.wait()
+        gateway.draining = True
+        log_event(20, "draining", reason="signal")
+        if config.server.drain_s:
+            await asyncio.sleep(config.server.drain_s)
+        await runner.cleanup()  # stops accepting, waits for requests in flight, closes sessions
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        if admin is not None:
+            await admin.cleanup()
+        log_event(20, "stopped")
