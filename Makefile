@@ -2,8 +2,6 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-DEMO_PORT ?= 8080
-SANDBOX_PORT ?= 8090
 COV_FLOOR ?= 90
 
 .PHONY: venv test lint typecheck pytest demo bench clean
@@ -19,8 +17,8 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 venv: $(VENV)/.installed
 
 lint: venv
-	$(BIN)/ruff check gateway tests bench
-	$(BIN)/ruff format --check gateway tests bench
+	$(BIN)/ruff check gateway tests bench scripts
+	$(BIN)/ruff format --check gateway tests bench scripts
 
 typecheck: venv
 	$(BIN)/mypy
@@ -30,8 +28,9 @@ pytest: venv
 
 test: lint typecheck pytest
 
+# The sandbox on 127.0.0.1:8090, the gateway on 127.0.0.1:8080 (admin 9091); see config/demo.toml.
 demo: venv
-	$(BIN)/python -m gateway.demo --config config/demo.toml --port $(DEMO_PORT) --sandbox-port $(SANDBOX_PORT)
+	$(BIN)/python scripts/demo.py --config config/demo.toml
 
 bench: venv
 	bash bench/run.sh

@@ -25,7 +25,7 @@ from gateway.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from gateway.observability import Metrics, log_event
+from gateway.observability import Metrics, bind_log_context, log_event
 from gateway.retry import (
     Outcome,
     backoff_delay,
@@ -167,6 +167,7 @@ class ManagerClient:
         reply = await self._post(url, headers, body, deadline)
         self._metrics.upstream_duration.observe(time.perf_counter() - started)
         self._metrics.upstream_requests.labels(status=str(reply.status)).inc()
+        bind_log_context(upstream_status=reply.status)
         if token is not None and reply.status == 401:
             self.tokens.invalidate(target.org_id, target.key, token)
         return reply

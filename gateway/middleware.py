@@ -23,11 +23,16 @@ from gateway.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
-from gateway.observability import Metrics, log_context, log_event
+from gateway.observability import (
+    Metrics,
+    bind_log_context,
+    current_log_fields,
+    log_context,
+    log_event,
+)
 
 REQUEST_ID_HEADER: Final = "X-Request-ID"
 _SAFE_REQUEST_ID: Final = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-REQUEST_INFO_KEY: Final = "gateway_request_info"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -66,16 +71,6 @@ def to_gateway_error(exc: web.HTTPException) -> GatewayError:
     return PartnerError(exc.reason, status=exc.status)
 
 
-def request_info(request: web.Request) -> dict[str, object]:
-    """Fields the handler adds to the request's log line and metrics (partner, upstream status)."""
-    info = request.get(REQUEST_INFO_KEY)
-    if info is None:
-        info = {}
-        request[REQUEST_INFO_KEY] = info
-    assert isinstance(info, dict)
-    return info
-
-
 def create_middleware(metrics: Metrics | None) -> Callable[..., Awaitable[web.StreamResponse]]:
     """The middleware for the partner app (with metrics) or the admin app (``metrics=None``)."""
 
@@ -83,7 +78,6 @@ def create_middleware(metrics: Metrics | None) -> Callable[..., Awaitable[web.St
     async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         request_id = build_request_id(request.headers.get(REQUEST_ID_HEADER))
         started = time.perf_counter()
-        info = request_info(request)
         with log_context(request_id=request_id):
             if metrics is not None:
                 metrics.in_flight.inc()
@@ -95,14 +89,13 @@ def create_middleware(metrics: Metrics | None) -> Callable[..., Awaitable[web.St
             response.headers[REQUEST_ID_HEADER] = request_id
             if metrics is not None:
                 elapsed = time.perf_counter() - started
-                partner = str(info.get("partner", "unknown"))
+                # The handler bound the partner (and upstream status) into the log context.
+                partner = str(current_log_fields().get("partner", "unknown"))
                 metrics.requests.labels(partner=partner, code=str(response.status)).inc()
                 metrics.request_duration.observe(elapsed)
                 log_event(
                     20, "request", method=request.method, path=request.path,
-                    status=response.status, code=info.get("code"),
-                    duration_ms=round(elapsed * 1000, 2),
-                    upstream_status=info.get("upstream_status"), replayed=info.get("replayed"),
+                    status=response.status, duration_ms=round(elapsed * 1000, 2),
                 )  # fmt: skip
         return response
 
@@ -110,7 +103,6 @@ def create_middleware(metrics: Metrics | None) -> Callable[..., Awaitable[web.St
 
 
 async def _answer(request: web.Request, handler: Handler, request_id: str) -> web.StreamResponse:
-    info = request_info(request)
     try:
         return await handler(request)
     except GatewayError as exc:
@@ -122,7 +114,7 @@ async def _answer(request: web.Request, handler: Handler, request_id: str) -> we
     except Exception:
         log_event(40, "internal_error", exc_info=True)
         error = GatewayError()
-    info["code"] = error.code
+    bind_log_context(code=error.code)
     if error.http_status >= 500:
         log_event(40, "request_failed", code=error.code, status=error.http_status)
     return error_response(error, request_id)

@@ -20,7 +20,6 @@ from pydantic import (
     StrictStr,
     ValidationError,
     field_validator,
-    model_validator,
 )
 
 from gateway.errors import ValidationFailedError
@@ -46,12 +45,6 @@ class LineItem(BaseModel):
     product_id: Identifier | None = None
     price: NonNegative | None = None
 
-    @model_validator(mode="after")
-    def _identified(self) -> LineItem:
-        if not any(v not in (None, "") for v in (self.name, self.p1_id, self.product_id)):
-            raise ValueError("a line needs one of name, p1_id or product_id")
-        return self
-
 
 class Payload(BaseModel):
     """The order itself, as Manager's order-requests endpoint takes it."""
@@ -74,18 +67,6 @@ class Payload(BaseModel):
             raise ValueError("is not an email address")
         return value
 
-    @model_validator(mode="after")
-    def _rules(self) -> Payload:
-        if not (self.customer_name or "").strip() and not (self.customer_email or "").strip():
-            raise ValueError("customer_name or customer_email is required")
-        if not self.items and not self.has_prescription:
-            raise ValueError("items (at least one line) or a prescription is required")
-        return self
-
-    @property
-    def has_prescription(self) -> bool:
-        return bool(self.prescription_pdf_base64 or self.prescription_pdf_url)
-
 
 class Envelope(BaseModel):
     """Manager's order-request envelope; ``external_reference`` and ``source`` always set here."""
@@ -98,24 +79,60 @@ class Envelope(BaseModel):
 
 
 def parse_envelope(data: Mapping[str, object]) -> Envelope:
-    """Validate a normalized envelope.
+    """Validate a normalized envelope: field types (pydantic) and Manager's cross-field rules.
 
     Raises:
-        ValidationFailedError: with one ``{"field", "message"}`` detail per problem.
+        ValidationFailedError: with one ``{"field", "message"}`` detail per problem, all at once.
     """
+    problems = find_rule_problems(data)
     try:
-        return Envelope.model_validate(data)
+        envelope = Envelope.model_validate(data)
     except ValidationError as exc:
-        raise ValidationFailedError(details=build_details(exc)) from None
+        problems = {**build_details(exc), **problems}
+    else:
+        if not problems:
+            return envelope
+    raise ValidationFailedError(
+        details=[{"field": field, "message": message} for field, message in problems.items()]
+    )
 
 
-def build_details(exc: ValidationError) -> list[Mapping[str, object]]:
-    """pydantic errors → the contract's details, without the values (they may be health data)."""
+def find_rule_problems(envelope: Mapping[str, object]) -> dict[str, str]:
+    """Manager's rules across fields (pydantic checks each field alone), as field → message."""
+    payload = envelope.get("payload")
+    if not isinstance(payload, Mapping):
+        return {}
+    problems: dict[str, str] = {}
+    if not _filled(payload.get("customer_name")) and not _filled(payload.get("customer_email")):
+        problems["payload.customer_name"] = "customer_name or customer_email is required"
+    items = payload.get("items")
+    has_prescription = _filled(payload.get("prescription_pdf_base64")) or _filled(
+        payload.get("prescription_pdf_url")
+    )
+    if not has_prescription and not (isinstance(items, list) and items):
+        problems["payload.items"] = "items (at least one line) or a prescription is required"
+    if isinstance(items, list):
+        for index, line in enumerate(items):
+            if isinstance(line, Mapping) and not any(
+                _filled(line.get(k)) for k in ("name", "p1_id", "product_id")
+            ):
+                problems[f"payload.items[{index}]"] = "needs one of name, p1_id or product_id"
+    return problems
+
+
+def _filled(value: object) -> bool:
+    if isinstance(value, str):
+        return bool(value.strip())
+    return value is not None and not isinstance(value, bool)
+
+
+def build_details(exc: ValidationError) -> dict[str, str]:
+    """pydantic errors as field → message, without the values (they may be health data)."""
     details: dict[str, str] = {}
     for error in exc.errors(include_url=False, include_input=False, include_context=False):
         # A union (str | int) reports once per member; one entry per field is enough.
         details.setdefault(to_field_path(error["loc"]), _message(error["msg"]))
-    return [{"field": field, "message": message} for field, message in details.items()]
+    return details
 
 
 def to_field_path(loc: tuple[int | str, ...]) -> str:

@@ -71,6 +71,11 @@ def bind_log_context(**fields: object) -> None:
     _CONTEXT.set({**(_CONTEXT.get() or {}), **fields})
 
 
+def current_log_fields() -> Mapping[str, object]:
+    """The fields bound so far in this request (the middleware reads partner and status here)."""
+    return _CONTEXT.get() or {}
+
+
 def _collect(record: logging.LogRecord) -> dict[str, object]:
     fields: dict[str, object] = {}
     for source in (_CONTEXT.get() or {}, getattr(record, "fields", None) or {}):

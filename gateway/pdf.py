@@ -116,7 +116,7 @@ def check_address(address: str | IPAddress, pdf: PdfConfig) -> str | None:
         try:
             ip: IPAddress = ipaddress.ip_address(address)
         except ValueError:
-            return "not an IP address"
+            return "invalid address"
     else:
         ip = address
     embedded = list(_embedded_ipv4(ip))
@@ -133,6 +133,10 @@ def check_address(address: str | IPAddress, pdf: PdfConfig) -> str | None:
     return None if translated else _refusal(ip)
 
 
+def _with_article(reason: str) -> str:
+    return f"an {reason}" if reason[0] in "aeiou" else f"a {reason}"
+
+
 def _blocked(why: str) -> PrescriptionPdfBlockedError:
     return PrescriptionPdfBlockedError(f"The prescription PDF URL is refused: {why}.")
 
@@ -145,7 +149,7 @@ def _check_host(host: str | None, pdf: PdfConfig) -> None:
             raise _blocked("a scoped IPv6 address is not allowed")
         reason = check_address(host, pdf)  # aiohttp does not resolve IP literals
         if reason is not None:
-            raise _blocked(f"the host is a {reason}")
+            raise _blocked(f"the host is {_with_article(reason)}")
         return
     if not _HOST_NAME.match(host):
         raise _blocked("the host name is not valid")
@@ -156,7 +160,7 @@ def _check_host(host: str | None, pdf: PdfConfig) -> None:
             raise _blocked("the numeric host is not a plain dotted-quad IPv4 address")
         reason = check_address(bare, pdf)
         if reason is not None:
-            raise _blocked(f"the host is a {reason}")
+            raise _blocked(f"the host is {_with_article(reason)}")
 
 
 def _is_canonical_ipv4(host: str) -> bool:
@@ -277,6 +281,10 @@ class GuardedResolver(AbstractResolver):
         self._pdf = pdf
         self._inner = inner
 
+    def reconfigure(self, pdf: PdfConfig) -> None:
+        """Check every later lookup against ``pdf``."""
+        self._pdf = pdf
+
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
@@ -297,11 +305,13 @@ class GuardedResolver(AbstractResolver):
             reason = check_address(record["host"], self._pdf)
             if reason is not None:
                 raise PrescriptionPdfBlockedError(
-                    f"The prescription PDF URL is refused: the host resolves to a {reason}."
+                    "The prescription PDF URL is refused: the host resolves to "
+                    f"{_with_article(reason)}."
                 )
         return checked
 
     async def close(self) -> None:
+        """Close the inner resolver."""
         if self._inner is not None:
             await self._inner.close()
 
@@ -354,8 +364,13 @@ class PdfFetcher:
         if self._session is not None:
             return
         self._resolver = GuardedResolver(self._pdf, self._resolver_inner)
+        # No keep-alive pool: every request resolves and checks under the current policy, so a
+        # reload that narrows allow_networks cannot be bypassed by an idle pooled connection.
         connector = aiohttp.TCPConnector(
-            resolver=self._resolver, use_dns_cache=False, limit=DEFAULT_POOL_LIMIT
+            resolver=self._resolver,
+            use_dns_cache=False,
+            force_close=True,
+            limit=DEFAULT_POOL_LIMIT,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -364,8 +379,17 @@ class PdfFetcher:
             headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
             auto_decompress=False,
             trust_env=False,  # no proxy or .netrc credentials from the environment
-            timeout=aiohttp.ClientTimeout(total=self._pdf.timeout_s),
         )
+
+    def reconfigure(self, pdf: PdfConfig) -> None:
+        """Apply a reloaded ``[pdf]`` table to later fetches (fetches in flight keep theirs).
+
+        The resolver switches at once, so a connection opened after the reload is checked
+        against the new networks.
+        """
+        self._pdf = pdf
+        if self._resolver is not None:
+            self._resolver.reconfigure(pdf)
 
     async def close(self) -> None:
         """Close the session and the resolver."""
@@ -396,7 +420,7 @@ class PdfFetcher:
             PrescriptionPdfInvalidError, PayloadTooLargeError.
         """
         try:
-            data = await self._fetch_within_deadline(url)
+            data = await self._fetch_within_deadline(url, self._pdf)
         except Exception as exc:
             result = _result_of(exc)
             if result is not None:  # anything else is a bug: it propagates unrecorded
@@ -405,19 +429,19 @@ class PdfFetcher:
         self._record("ok")
         return data
 
-    async def _fetch_within_deadline(self, url: str) -> bytes:
+    async def _fetch_within_deadline(self, url: str, pdf: PdfConfig) -> bytes:
         try:
-            async with asyncio.timeout(self._pdf.timeout_s):
-                return await self._fetch_following_redirects(url)
+            async with asyncio.timeout(pdf.timeout_s):
+                return await self._fetch_following_redirects(url, pdf)
         except TimeoutError as exc:
             raise PrescriptionPdfUnreachableError(
-                f"The prescription PDF was not fetched within {self._pdf.timeout_s:g} s."
+                f"The prescription PDF was not fetched within {pdf.timeout_s:g} s."
             ) from exc
 
-    async def _fetch_following_redirects(self, url: str) -> bytes:
+    async def _fetch_following_redirects(self, url: str, pdf: PdfConfig) -> bytes:
         await self.start()
         assert self._session is not None
-        target = check_url(url, self._pdf)
+        target = check_url(url, pdf)
         for hop in range(MAX_REDIRECTS + 1):
             try:
                 async with self._session.get(target, allow_redirects=False) as resp:
@@ -428,13 +452,13 @@ class PdfFetcher:
                                 "times."
                             )
                         location = resp.headers.get("Location")
-                        target = check_url(parse_redirect(target, location, resp.status), self._pdf)
+                        target = check_url(parse_redirect(target, location, resp.status), pdf)
                         continue
                     if resp.status != 200:
                         raise PrescriptionPdfUnreachableError(
                             f"The prescription PDF server answered HTTP {resp.status}."
                         )
-                    return await self._read_body(resp)
+                    return await _fetch_body(resp, pdf.max_bytes)
             except TimeoutError:
                 raise  # aiohttp's own timeout: reported by the deadline handler
             except (aiohttp.ClientError, OSError) as exc:
@@ -446,19 +470,20 @@ class PdfFetcher:
                 ) from exc
         raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
 
-    async def _read_body(self, resp: aiohttp.ClientResponse) -> bytes:
-        max_bytes = self._pdf.max_bytes
-        check_content_length(resp.content_length, max_bytes)
-        body = bytearray()
-        checked_magic = False
-        async for chunk in resp.content.iter_chunked(CHUNK_SIZE):
-            body += chunk
-            if len(body) > max_bytes:
-                raise _too_large(max_bytes)
-            if not checked_magic and len(body) >= len(PDF_MAGIC):
-                if not is_pdf(body):
-                    raise PrescriptionPdfInvalidError("The prescription URL did not return a PDF.")
-                checked_magic = True
-        if not is_pdf(body):
-            raise PrescriptionPdfInvalidError("The prescription URL did not return a PDF.")
-        return bytes(body)
+
+async def _fetch_body(resp: aiohttp.ClientResponse, max_bytes: int) -> bytes:
+    """Stream the body into memory, cut at ``max_bytes``, refusing early what is not a PDF."""
+    check_content_length(resp.content_length, max_bytes)
+    body = bytearray()
+    checked_magic = False
+    async for chunk in resp.content.iter_chunked(CHUNK_SIZE):
+        body += chunk
+        if len(body) > max_bytes:
+            raise _too_large(max_bytes)
+        if not checked_magic and len(body) >= len(PDF_MAGIC):
+            if not is_pdf(body):
+                raise PrescriptionPdfInvalidError("The prescription URL did not return a PDF.")
+            checked_magic = True
+    if not is_pdf(body):
+        raise PrescriptionPdfInvalidError("The prescription URL did not return a PDF.")
+    return bytes(body)

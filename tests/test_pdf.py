@@ -81,8 +81,8 @@ REFUSED = [
     ("2002:a9fe:a9fe::", "cloud metadata"),
     ("64:ff9b::a9fe:a9fe", "cloud metadata"),
     ("64:ff9b::a00:1", "private"),
-    ("not-an-ip", "not an IP address"),
-    ("127.1", "not an IP address"),
+    ("not-an-ip", "invalid address"),
+    ("127.1", "invalid address"),
 ]
 
 ALLOWED = [
@@ -204,6 +204,26 @@ def test_check_url_drops_the_fragment_and_keeps_the_query() -> None:
     assert str(url) == "https://documents.example/rx.pdf?sig=abc"
 
 
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        (
+            "https://0.0.0.0/rx.pdf",
+            "The prescription PDF URL is refused: the host is an unspecified address.",
+        ),
+        (
+            "https://169.254.169.254/latest/meta-data/",
+            "The prescription PDF URL is refused: "
+            "the host is a link-local address (cloud metadata).",
+        ),
+    ],
+)
+def test_refusal_message_says_why(url: str, message: str) -> None:
+    with pytest.raises(PrescriptionPdfBlockedError) as caught:
+        check_url(url, DEFAULT)
+    assert caught.value.message == message
+
+
 def test_refusal_message_is_one_sentence_without_credentials_or_query() -> None:
     with pytest.raises(PrescriptionPdfBlockedError) as caught:
         check_url("https://user:hunter2@documents.example/x.pdf?sig=SECRET", DEFAULT)
@@ -268,7 +288,7 @@ async def test_resolver_refuses_a_host_if_any_address_is_refused(addresses: list
     inner = FakeResolver({"rebind.example": addresses})
     with pytest.raises(PrescriptionPdfBlockedError) as caught:
         await GuardedResolver(DEFAULT, inner).resolve("rebind.example", 443, 0)
-    assert "resolves to" in caught.value.message
+    assert "resolves to a" in caught.value.message
 
 
 @pytest.mark.parametrize("names", [{}, {"empty.example": []}])
@@ -617,6 +637,24 @@ async def test_connection_goes_to_the_resolved_and_checked_address(
     assert await fetcher.fetch_pdf(pdf_server.url("/rx.pdf", host="pdf.test")) == PDF
     assert results == ["ok"]
     assert pdf_server.hits[f"pdf.test:{pdf_server.port}/rx.pdf"] == 1
+
+
+async def test_reconfigure_applies_to_the_next_fetch_without_reusing_a_connection(
+    pdf_server: PdfServer, make_fetcher: MakeFetcher
+) -> None:
+    inner = FakeResolver({"pdf.test": ["127.0.0.1"]})
+    fetcher, results = make_fetcher(loopback(pdf_server), resolver_inner=inner)
+    url = pdf_server.url("/rx.pdf", host="pdf.test")
+    assert await fetcher.fetch_pdf(url) == PDF
+    fetcher.reconfigure(loopback(pdf_server, networks=()))
+    with pytest.raises(PrescriptionPdfBlockedError):
+        await fetcher.fetch_pdf(url)
+    fetcher.reconfigure(loopback(pdf_server, max_mb=0.001))
+    with pytest.raises(PayloadTooLargeError):
+        await fetcher.fetch_pdf(url)
+    assert results == ["ok", "blocked", "too_large"]
+    assert inner.calls == ["pdf.test"] * 3
+    assert pdf_server.hits[f"pdf.test:{pdf_server.port}/rx.pdf"] == 2
 
 
 async def test_unknown_name_is_unreachable(
