@@ -1,0 +1,29 @@
+# telemed-gateway: a sidecar next to the shop. Build: docker build -t telemed-gateway .
+# Run:  docker run -p 8080:8080 -p 9091:9091 -v $PWD/gateway.toml:/etc/telemed-gateway/gateway.toml:ro \
+#         -e ORG1_MANAGER_KEY=... telemed-gateway
+
+# Build stage: wheels for the project and its dependencies (compilers stay here).
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY gateway ./gateway
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+# Final stage: no compilers, no build tools, a non-root user.
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    GATEWAY_CONFIG=/etc/telemed-gateway/gateway.toml
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir --no-index --find-links=/wheels telemed-gateway \
+    && rm -rf /wheels \
+    && useradd --system --uid 10001 --no-create-home gateway
+USER 10001
+# The configuration is mounted here (read-only); secrets come from env vars or /run/secrets.
+VOLUME ["/etc/telemed-gateway"]
+EXPOSE 8080 9091
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9091/healthz', timeout=2).status == 200 else 1)"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["gateway"]
+CMD ["serve"]
