@@ -20,6 +20,7 @@ from gateway.observability import Metrics, log_event
 from gateway.pdf import PdfFetcher
 from gateway.routes import add_admin_routes, add_order_routes
 from gateway.runtime import build_runtime
+from gateway.state.memory import MemoryStore
 
 KEEPALIVE_S = 30.0
 
@@ -29,6 +30,7 @@ class Seams:
     """What tests replace: time, sleep, randomness, and DNS for the PDF fetcher."""
 
     clock: Callable[[], float] = time.time
+    monotonic: Callable[[], float] = time.monotonic  # idempotency expiry and rate-limit buckets
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     rand: Callable[[], float] = random.random
     pdf_resolver: AbstractResolver | None = None
@@ -38,7 +40,12 @@ class Seams:
 def create_gateway(config: Config, seams: Seams | None = None) -> Gateway:
     """The shared state for both apps (compiles the configuration)."""
     seams = seams or Seams()
-    gateway = Gateway(runtime=build_runtime(config), metrics=seams.metrics)
+    store = MemoryStore(
+        max_entries=config.idempotency.max_entries,
+        ttl_s=config.idempotency.ttl_hours * 3600,
+        clock=seams.monotonic,
+    )
+    gateway = Gateway(runtime=build_runtime(config), state=store, metrics=seams.metrics)
     gateway.metrics.set_config(config.digest)
     return gateway
 
@@ -95,5 +102,6 @@ def _services(gateway: Gateway, seams: Seams) -> Callable[[web.Application], Asy
             gateway.started = False
             await gateway.pdf_fetcher.close()
             await session.close()
+            await gateway.state.close()
 
     return lifecycle

@@ -15,11 +15,13 @@ from gateway.manager import ManagerClient
 from gateway.observability import Metrics
 from gateway.pdf import PdfFetcher
 from gateway.runtime import Runtime
+from gateway.state import StateStore
 
 
 @dataclass
 class Gateway:
     runtime: Runtime
+    state: StateStore
     metrics: Metrics = field(default_factory=Metrics)
     manager_client: ManagerClient | None = None
     pdf_fetcher: PdfFetcher | None = None

@@ -17,12 +17,14 @@ from gateway.errors import (
     PrescriptionPdfInvalidError,
     ValidationFailedError,
 )
+from gateway.idempotency import build_fingerprint, build_key, to_replay
 from gateway.manager import ManagerClient, UpstreamReply
 from gateway.models import parse_envelope
 from gateway.normalize import build_envelope
 from gateway.observability import bind_log_context
 from gateway.pdf import PdfFetcher, check_inline_pdf, is_pdf
 from gateway.runtime import Route
+from gateway.state import StateStore, StoredReply
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +78,45 @@ def attach_prescription(payload: dict[str, object], data: bytes, max_bytes: int)
     if not is_pdf(data):
         raise PrescriptionPdfInvalidError("The uploaded prescription is not a PDF.")
     payload["prescription_pdf_base64"] = base64.b64encode(data).decode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    reply: StoredReply
+    replayed: bool
+
+
+async def deliver_order(
+    order: PreparedOrder,
+    route: Route,
+    *,
+    store: StateStore,
+    ttl_s: float,
+    manager: ManagerClient,
+    pdf: PdfFetcher,
+    max_pdf_bytes: int,
+) -> Delivery:
+    """Deliver an order at most once per ``(partner, external_reference)`` within ``ttl_s``.
+
+    A repeat of a delivered order gets the first reply again without a Manager call; failures
+    are forgotten so that the partner may retry them.
+    """
+    key = build_key(route.target.partner, order.reference)
+    fingerprint = build_fingerprint(order.envelope)  # before the PDF step: a URL, not its bytes
+    replay = to_replay(await store.claim(key, fingerprint, ttl_s))
+    if replay is not None:
+        bind_log_context(replayed=True)
+        return Delivery(replay, replayed=True)
+    try:
+        reply = await submit_order(
+            order, route, manager=manager, pdf=pdf, max_pdf_bytes=max_pdf_bytes
+        )
+    except BaseException:
+        await store.release(key, fingerprint)
+        raise
+    stored = StoredReply(reply.status, reply.body, reply.content_type)
+    await store.complete(key, fingerprint, stored, ttl_s)
+    return Delivery(stored, replayed=False)
 
 
 async def submit_order(

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from typing import Final
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.errors import RateLimitedError
 from gateway.gateway import GATEWAY_KEY
 from gateway.intake import read_intake
 from gateway.manager import OrgKeyRefusedError
 from gateway.observability import bind_log_context
-from gateway.orders import prepare_order, submit_order
+from gateway.orders import deliver_order, prepare_order
 
 ORDER_PATH: Final = "/api/v1/external-order"
 KEY_HEADERS: Final = ("apikey", "X-API-Key")
+REPLAYED_HEADER: Final = "Idempotent-Replayed"
 
 
 def presented_key(request: web.Request) -> str | None:
@@ -29,11 +32,16 @@ def presented_key(request: web.Request) -> str | None:
 async def external_order(request: web.Request) -> web.Response:
     """``POST /api/v1/external-order``: authenticate, read, map, validate, forward."""
     gateway = request.app[GATEWAY_KEY]
-    runtime = gateway.runtime  # one read: the whole request runs on this configuration
-    # Authentication comes before the body is read: an unknown key costs us no upload.
+    # One read of each: the whole request runs on the configuration it started with.
+    runtime, manager, pdf = gateway.runtime, gateway.manager, gateway.pdf
+    # Authentication and the rate limit come before the body is read: cheap refusals first.
     caller = runtime.registry.resolve(presented_key(request), request.host)
     bind_log_context(partner=caller.name, shop=caller.shop.name)
     route = runtime.route_for(caller)
+    if route.rate_per_min is not None:
+        wait_s = await gateway.state.take(f"rate:{caller.name}", route.rate_per_min)
+        if wait_s > 0:
+            raise RateLimitedError(math.ceil(wait_s))
     intake = await read_intake(request, runtime.config.server.max_body_bytes)
     order = prepare_order(
         intake.body,
@@ -43,17 +51,22 @@ async def external_order(request: web.Request) -> web.Response:
         max_pdf_bytes=runtime.config.pdf.max_bytes,
     )
     try:
-        reply = await submit_order(
-            order, route, manager=gateway.manager, pdf=gateway.pdf,
+        delivery = await deliver_order(
+            order, route, store=gateway.state, manager=manager, pdf=pdf,
+            ttl_s=runtime.config.idempotency.ttl_hours * 3600,
             max_pdf_bytes=runtime.config.pdf.max_bytes,
         )  # fmt: skip
     except OrgKeyRefusedError:
         assert caller.org_key is not None
         runtime.registry.remember_refusal(caller.org_key)
         raise
-    return web.Response(
+    reply = delivery.reply
+    response = web.Response(
         status=reply.status, body=reply.body, content_type=reply.content_type or "application/json"
     )
+    if delivery.replayed:
+        response.headers[REPLAYED_HEADER] = "true"
+    return response
 
 
 async def healthz(request: web.Request) -> web.Response:

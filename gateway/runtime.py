@@ -23,6 +23,7 @@ class Route:
     target: Target
     upstream: UpstreamTarget
     pdf: Literal["fetch", "forward"]
+    rate_per_min: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +95,7 @@ def build_runtime(config: Config) -> Runtime:
                 key=shop.manager_key.get_secret_value(),
             ),
             pdf=partner.pdf,
+            rate_per_min=partner.rate_per_min,
         )
     registry = KeyRegistry(
         [(name, p.key_sha256, shop_refs[p.shop]) for name, p in config.partners.items()],
