@@ -11,6 +11,7 @@ import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Final
 
 from gateway.errors import (
     PayloadTooLargeError,
@@ -131,16 +132,40 @@ async def submit_order(
     bind_log_context(external_reference=order.reference)
     payload = order.payload
     inline = payload.get("prescription_pdf_base64")
+    fetched: bytes | None = None
     if inline is not None and not order.uploaded:
         check_inline_pdf(inline, max_pdf_bytes)
     elif route.pdf == "fetch" and isinstance(payload.get("prescription_pdf_url"), str):
-        url = payload["prescription_pdf_url"]
+        url = payload.pop("prescription_pdf_url")
         assert isinstance(url, str)
-        data = await pdf.fetch_pdf(url)
-        payload["prescription_pdf_base64"] = base64.b64encode(data).decode("ascii")
-        del payload["prescription_pdf_url"]
-    body = json.dumps(order.envelope, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    return await manager.send_order_request(route.upstream, body)
+        fetched = base64.b64encode(await pdf.fetch_pdf(url))  # the raw bytes are freed here
+    return await manager.send_order_request(
+        route.upstream, encode_envelope(order.envelope, payload, fetched)
+    )
+
+
+def encode_envelope(
+    envelope: Mapping[str, object], payload: dict[str, object], pdf_base64: bytes | None
+) -> bytes:
+    """The JSON body for Manager, serialised once.
+
+    A fetched PDF's base64 is spliced into the bytes rather than passed through ``json.dumps``
+    as a str, so that a 10 MB PDF exists in memory as few times as possible.
+    """
+    if pdf_base64 is None:
+        return json.dumps(envelope, ensure_ascii=False, separators=_COMPACT).encode("utf-8")
+    payload["prescription_pdf_base64"] = _PDF_PLACEHOLDER
+    try:
+        text = json.dumps(envelope, ensure_ascii=False, separators=_COMPACT)
+    finally:
+        del payload["prescription_pdf_base64"]
+    head, tail = text.split(_PDF_PLACEHOLDER, 1)
+    return b"".join((head.encode("utf-8"), pdf_base64, tail.encode("utf-8")))
+
+
+_COMPACT: Final = (",", ":")
+# Base64 needs no JSON escaping, so the placeholder's position is where the bytes go verbatim.
+_PDF_PLACEHOLDER: Final = f"telemed-gateway-pdf-{uuid.uuid4().hex}"
 
 
 def _new_reference() -> str:

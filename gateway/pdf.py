@@ -412,7 +412,7 @@ class PdfFetcher:
     ) -> None:
         await self.close()
 
-    async def fetch_pdf(self, url: str) -> bytes:
+    async def fetch_pdf(self, url: str) -> bytearray:
         """Download the PDF at ``url`` under the contract's policy and return its bytes.
 
         Raises:
@@ -429,7 +429,7 @@ class PdfFetcher:
         self._record("ok")
         return data
 
-    async def _fetch_within_deadline(self, url: str, pdf: PdfConfig) -> bytes:
+    async def _fetch_within_deadline(self, url: str, pdf: PdfConfig) -> bytearray:
         try:
             async with asyncio.timeout(pdf.timeout_s):
                 return await self._fetch_following_redirects(url, pdf)
@@ -438,7 +438,7 @@ class PdfFetcher:
                 f"The prescription PDF was not fetched within {pdf.timeout_s:g} s."
             ) from exc
 
-    async def _fetch_following_redirects(self, url: str, pdf: PdfConfig) -> bytes:
+    async def _fetch_following_redirects(self, url: str, pdf: PdfConfig) -> bytearray:
         await self.start()
         assert self._session is not None
         target = check_url(url, pdf)
@@ -471,7 +471,7 @@ class PdfFetcher:
         raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
 
 
-async def _fetch_body(resp: aiohttp.ClientResponse, max_bytes: int) -> bytes:
+async def _fetch_body(resp: aiohttp.ClientResponse, max_bytes: int) -> bytearray:
     """Stream the body into memory, cut at ``max_bytes``, refusing early what is not a PDF."""
     check_content_length(resp.content_length, max_bytes)
     body = bytearray()
@@ -486,4 +486,4 @@ async def _fetch_body(resp: aiohttp.ClientResponse, max_bytes: int) -> bytes:
             checked_magic = True
     if not is_pdf(body):
         raise PrescriptionPdfInvalidError("The prescription URL did not return a PDF.")
-    return bytes(body)
+    return body  # no copy: a 10 MB PDF should be in memory once
