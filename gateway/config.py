@@ -231,6 +231,11 @@ class Config(_Section):
             raise ValueError("state.backend: 'redis' is not available in this version yet")
         return self
 
+    @property
+    def claim_lease_s(self) -> float:
+        """Longest a request can hold an order reference: its PDF and upstream deadlines."""
+        return self.pdf.timeout_s + self.manager.timeout_s + 30
+
     def api_for(self, shop: ShopConfig) -> Literal["v1", "v2"]:
         return shop.api or self.manager.api
 

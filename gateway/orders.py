@@ -93,6 +93,7 @@ async def deliver_order(
     *,
     store: StateStore,
     ttl_s: float,
+    lease_s: float,
     manager: ManagerClient,
     pdf: PdfFetcher,
     max_pdf_bytes: int,
@@ -104,7 +105,7 @@ async def deliver_order(
     """
     key = build_key(route.target.partner, order.reference)
     fingerprint = build_fingerprint(order.envelope)  # before the PDF step: a URL, not its bytes
-    replay = to_replay(await store.claim(key, fingerprint, ttl_s))
+    replay = to_replay(await store.claim(key, fingerprint, lease_s))
     if replay is not None:
         bind_log_context(replayed=True)
         return Delivery(replay, replayed=True)

@@ -54,6 +54,7 @@ async def external_order(request: web.Request) -> web.Response:
         delivery = await deliver_order(
             order, route, store=gateway.state, manager=manager, pdf=pdf,
             ttl_s=runtime.config.idempotency.ttl_hours * 3600,
+            lease_s=runtime.config.claim_lease_s,
             max_pdf_bytes=runtime.config.pdf.max_bytes,
         )  # fmt: skip
     except OrgKeyRefusedError:

@@ -36,8 +36,12 @@ class Claim:
 class StateStore(Protocol):
     """What the order pipeline needs from shared state. Every method is atomic per key."""
 
-    async def claim(self, key: str, fingerprint: str, ttl_s: float) -> Claim:
-        """Claim ``key`` for a body with ``fingerprint``, or say who has it."""
+    async def claim(self, key: str, fingerprint: str, lease_s: float) -> Claim:
+        """Claim ``key`` for a body with ``fingerprint``, or say who has it.
+
+        A claim that is neither completed nor released within ``lease_s`` (its process died)
+        lapses, so that a crash does not block the reference for the whole TTL.
+        """
         ...
 
     async def complete(self, key: str, fingerprint: str, reply: StoredReply, ttl_s: float) -> None:

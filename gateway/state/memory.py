@@ -49,13 +49,13 @@ class MemoryStore:
             maxsize=DEFAULT_MAX_BUCKETS, ttl=3600, timer=clock
         )
 
-    async def claim(self, key: str, fingerprint: str, ttl_s: float) -> Claim:
+    async def claim(self, key: str, fingerprint: str, lease_s: float) -> Claim:
         now = self._clock()
         record = self._records.get(key)
         if record is not None and record.expires_at <= now:
             record = None
         if record is None:
-            self._records[key] = _Record(fingerprint, None, now + ttl_s)
+            self._records[key] = _Record(fingerprint, None, now + lease_s)
             return Claim(ClaimStatus.NEW)
         if record.fingerprint != fingerprint:
             return Claim(ClaimStatus.CONFLICT)
