@@ -20,7 +20,9 @@ from gateway.observability import Metrics, log_event
 from gateway.pdf import PdfFetcher
 from gateway.routes import add_admin_routes, add_order_routes
 from gateway.runtime import build_runtime
+from gateway.state import StateStore
 from gateway.state.memory import MemoryStore
+from gateway.state.redis import RedisStore, RedisTokens
 
 KEEPALIVE_S = 30.0
 
@@ -40,14 +42,22 @@ class Seams:
 def create_gateway(config: Config, seams: Seams | None = None) -> Gateway:
     """The shared state for both apps (compiles the configuration)."""
     seams = seams or Seams()
-    store = MemoryStore(
-        max_entries=config.idempotency.max_entries,
-        ttl_s=config.idempotency.ttl_hours * 3600,
-        clock=seams.monotonic,
+    gateway = Gateway(
+        runtime=build_runtime(config), state=create_store(config, seams), metrics=seams.metrics
     )
-    gateway = Gateway(runtime=build_runtime(config), state=store, metrics=seams.metrics)
     gateway.metrics.set_config(config.digest)
     return gateway
+
+
+def create_store(config: Config, seams: Seams) -> StateStore:
+    """The configured state backend: this process's memory, or Redis shared by all."""
+    if config.state.backend == "redis":
+        assert config.state.redis_url is not None  # load_config resolved it
+        return RedisStore(config.state.redis_url.get_secret_value())
+    return MemoryStore(
+        max_entries=config.idempotency.max_entries,
+        clock=seams.monotonic,
+    )
 
 
 def create_app(
@@ -84,9 +94,12 @@ def _services(gateway: Gateway, seams: Seams) -> Callable[[web.Application], Asy
             headers={"User-Agent": USER_AGENT},
             cookie_jar=aiohttp.DummyCookieJar(),
         )
+        shared = None
+        if config.state.share_tokens and isinstance(gateway.state, RedisStore):
+            shared = RedisTokens(gateway.state, clock=seams.clock, sleep=seams.sleep)
         gateway.manager_client = ManagerClient(
             session, config.manager, metrics=gateway.metrics,
-            clock=seams.clock, sleep=seams.sleep, rand=seams.rand,
+            clock=seams.clock, sleep=seams.sleep, rand=seams.rand, shared_tokens=shared,
         )  # fmt: skip
         gateway.pdf_fetcher = PdfFetcher(
             config.pdf,

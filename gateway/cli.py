@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
     serve.add_argument("--workers", type=int, default=1, help="processes sharing the ports")
+    # Set by the supervisor of --workers N on each worker; not for people.
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    serve.add_argument("--metrics-dir", help=argparse.SUPPRESS)
 
     mapping = commands.add_parser("map", help="print the envelope a partner's file becomes")
     mapping.add_argument("--config", required=True)
@@ -86,17 +89,29 @@ def _serve(args: argparse.Namespace) -> int:
     if loaded is None:
         return EXIT_CONFIG
     config, _ = loaded
-    if args.workers != 1:
-        if config.state.backend == "memory" or args.workers < 1:
+    if args.workers < 1:
+        print("gateway: --workers must be at least 1", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.workers > 1:
+        if config.state.backend != "redis":
             print(
                 'gateway: --workers N > 1 needs state.backend = "redis": with in-memory state '
                 "each process would keep its own idempotency records and rate limits",
                 file=sys.stderr,
             )
             return EXIT_CONFIG
+        from gateway.workers import run_workers
+
+        return run_workers(args.workers, args.config, args.host, args.port)
     setup_logging(config.logging.level, config.logging.format)
     server = config.server
-    listen = Listen(args.host or server.host, args.port or server.port, server.admin_port)
+    listen = Listen(
+        args.host or server.host,
+        args.port or server.port,
+        server.admin_port,
+        reuse_port=args.reuse_port,
+        metrics_dir=args.metrics_dir,
+    )
     _run(serve(config, resolve_config_path(args.config), listen))
     return EXIT_OK
 

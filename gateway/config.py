@@ -181,6 +181,21 @@ class StateConfig(_Section):
     backend: Literal["memory", "redis"] = "memory"
     redis_url_env: str = "REDIS_URL"
     share_tokens: bool = False
+    # Filled by load_config from redis_url_env (the URL may hold a password).
+    redis_url: SecretStr | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_url(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "redis_url" in data:
+            raise ValueError("the Redis URL may hold a password: name it with redis_url_env")
+        return data
+
+    @model_validator(mode="after")
+    def _tokens_need_redis(self) -> StateConfig:
+        if self.share_tokens and self.backend != "redis":
+            raise ValueError('share_tokens = true needs backend = "redis"')
+        return self
 
 
 class LoggingConfig(_Section):
@@ -227,8 +242,6 @@ class Config(_Section):
                     f"shops.{name}: partners use this shop, so it needs manager_key_env "
                     "or manager_key_file"
                 )
-        if self.state.backend == "redis":
-            raise ValueError("state.backend: 'redis' is not available in this version yet")
         return self
 
     @property
@@ -275,7 +288,21 @@ def parse_config(
         raise ConfigError(f"{origin}: {describe_validation_error(exc)}") from None
     shops = {name: _with_secret(name, shop, environ) for name, shop in config.shops.items()}
     digest = hashlib.sha256(data_bytes).hexdigest()
-    return config.model_copy(update={"shops": shops, "digest": digest})
+    state = config.state
+    if state.backend == "redis":
+        url = environ.get(state.redis_url_env, "").strip()
+        if not url:
+            raise ConfigError(
+                f"state.redis_url_env: environment variable {state.redis_url_env} is not set "
+                "or empty"
+            )
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(
+                f"state.redis_url_env: {state.redis_url_env} must be a redis://, rediss:// "
+                "or unix:// URL"
+            )
+        state = state.model_copy(update={"redis_url": SecretStr(url)})
+    return config.model_copy(update={"shops": shops, "digest": digest, "state": state})
 
 
 def _with_secret(name: str, shop: ShopConfig, environ: Mapping[str, str]) -> ShopConfig:

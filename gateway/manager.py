@@ -33,7 +33,13 @@ from gateway.retry import (
     parse_retry_after,
     to_retry_after_header,
 )
-from gateway.tokens import Token, TokenCache, TokenReplyError, parse_token_reply
+from gateway.tokens import (
+    SharedTokens,
+    Token,
+    TokenCache,
+    TokenReplyError,
+    parse_token_reply,
+)
 
 MAX_ERROR_BODY: Final = 4096
 USER_AGENT: Final = "telemed-gateway/0.1"
@@ -83,6 +89,7 @@ class ManagerClient:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rand: Callable[[], float] = random.random,
+        shared_tokens: SharedTokens | None = None,
     ) -> None:
         self._session = session
         self._config = config
@@ -90,15 +97,20 @@ class ManagerClient:
         self._clock = clock
         self._sleep = sleep
         self._rand = rand
-        self.tokens = TokenCache(self._fetch_token, clock=clock)
+        self._shared = shared_tokens
+        self.tokens = TokenCache(self._fetch_token, clock=clock, shared=shared_tokens)
 
     def with_config(self, config: ManagerConfig) -> ManagerClient:
         """A client for a reloaded configuration that keeps the session and the token cache."""
         client = ManagerClient(
-            self._session, config, metrics=self._metrics,
-            clock=self._clock, sleep=self._sleep, rand=self._rand,
+            self._session, config, metrics=self._metrics, clock=self._clock,
+            sleep=self._sleep, rand=self._rand, shared_tokens=self._shared,
         )  # fmt: skip
-        client.tokens = self.tokens
+        if config.base_url == self._config.base_url:
+            self.tokens.rebind(client._fetch_token)  # same Manager: its tokens stay valid
+            client.tokens = self.tokens
+        else:
+            client.tokens = TokenCache(client._fetch_token, clock=self._clock, shared=self._shared)
         return client
 
     async def send_order_request(self, target: UpstreamTarget, body: bytes) -> UpstreamReply:
@@ -169,7 +181,7 @@ class ManagerClient:
         self._metrics.upstream_requests.labels(status=str(reply.status)).inc()
         bind_log_context(upstream_status=reply.status)
         if token is not None and reply.status == 401:
-            self.tokens.invalidate(target.org_id, target.key, token)
+            await self.tokens.forget(target.org_id, target.key, token)
         return reply
 
     async def _post(

@@ -17,7 +17,14 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 LOGGER_NAME: Final = "gateway"
 # Every field a log line may carry. Nothing else is written, whatever a caller passes.
@@ -131,8 +138,11 @@ DURATION_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 class Metrics:
     """The contract's metrics, in a registry of their own (one per app, so tests do not collide)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, multiprocess_dir: str | None = None
+    ) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.multiprocess_dir = multiprocess_dir
         r = self.registry
         self.requests = Counter(
             "gateway_requests", "Partner requests by partner and answer code.",
@@ -159,11 +169,20 @@ class Metrics:
         )
         self.config_info = Gauge(
             "gateway_config_info", "The active configuration (sha256 of the file).",
-            ["digest"], registry=r,
+            ["digest"], registry=r, multiprocess_mode="liveall",
         )  # fmt: skip
         self.in_flight = Gauge(
-            "gateway_requests_in_flight", "Partner requests being processed.", registry=r
-        )
+            "gateway_requests_in_flight", "Partner requests being processed.",
+            registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
+
+    def render(self) -> bytes:
+        """The text exposition: this process's metrics, or all workers' when there are several."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
 
     def set_config(self, digest: str) -> None:
         self.config_info.clear()

@@ -16,13 +16,14 @@ from typing import Final
 from gateway.errors import (
     PayloadTooLargeError,
     PrescriptionPdfInvalidError,
+    StateUnavailableError,
     ValidationFailedError,
 )
 from gateway.idempotency import build_fingerprint, build_key, to_replay
 from gateway.manager import ManagerClient, UpstreamReply
 from gateway.models import parse_envelope
 from gateway.normalize import build_envelope
-from gateway.observability import bind_log_context
+from gateway.observability import bind_log_context, log_event
 from gateway.pdf import PdfFetcher, check_inline_pdf, is_pdf
 from gateway.runtime import Route
 from gateway.state import StateStore, StoredReply
@@ -114,10 +115,18 @@ async def deliver_order(
             order, route, manager=manager, pdf=pdf, max_pdf_bytes=max_pdf_bytes
         )
     except BaseException:
-        await store.release(key, fingerprint)
+        try:
+            await store.release(key, fingerprint)
+        except StateUnavailableError:
+            # The claim stays until its lease ends; the partner's retry waits that long.
+            log_event(40, "idempotency_release_failed")
         raise
     stored = StoredReply(reply.status, reply.body, reply.content_type)
-    await store.complete(key, fingerprint, stored, ttl_s)
+    try:
+        await store.complete(key, fingerprint, stored, ttl_s)
+    except StateUnavailableError:
+        # The order did reach Manager: the partner must hear so. Only the replay is lost.
+        log_event(40, "idempotency_record_lost")
     return Delivery(stored, replayed=False)
 
 

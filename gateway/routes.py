@@ -6,7 +6,7 @@ import math
 from typing import Final
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.errors import RateLimitedError
 from gateway.gateway import GATEWAY_KEY
@@ -80,12 +80,13 @@ async def readyz(request: web.Request) -> web.Response:
         return web.json_response({"status": "draining"}, status=503)
     if not gateway.started:
         return web.json_response({"status": "starting"}, status=503)
+    if not await gateway.state.ping():
+        return web.json_response({"status": "state_unavailable"}, status=503)
     return web.json_response({"status": "ready", "config": gateway.config_digest})
 
 
 async def metrics(request: web.Request) -> web.Response:
-    registry = request.app[GATEWAY_KEY].metrics.registry
-    response = web.Response(body=generate_latest(registry))
+    response = web.Response(body=request.app[GATEWAY_KEY].metrics.render())
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response
 

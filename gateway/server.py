@@ -9,11 +9,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.app import create_admin_app, create_app, create_gateway
+from gateway.app import Seams, create_admin_app, create_app, create_gateway
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError
 from gateway.gateway import Gateway
-from gateway.observability import log_event
+from gateway.observability import Metrics, log_event
 from gateway.runtime import build_runtime
 
 
@@ -22,6 +22,8 @@ class Listen:
     host: str
     port: int
     admin_port: int
+    reuse_port: bool = False  # one of several workers on the same ports
+    metrics_dir: str | None = None  # the workers' shared prometheus multiprocess directory
 
 
 def reload_config(gateway: Gateway, path: Path) -> bool:
@@ -45,19 +47,20 @@ def reload_config(gateway: Gateway, path: Path) -> bool:
 
 async def serve(config: Config, path: Path, listen: Listen) -> None:
     """Serve until SIGTERM or SIGINT, then drain: /readyz 503, finish requests in flight, stop."""
-    gateway = create_gateway(config)
+    gateway = create_gateway(config, Seams(metrics=Metrics(multiprocess_dir=listen.metrics_dir)))
     runner = web.AppRunner(
         create_app(config, gateway=gateway),
         access_log=None,  # the middleware writes one structured line per request instead
         shutdown_timeout=config.server.shutdown_timeout_s,
     )
     await runner.setup()
-    await web.TCPSite(runner, listen.host, listen.port).start()
+    await web.TCPSite(runner, listen.host, listen.port, reuse_port=listen.reuse_port).start()
     admin: web.AppRunner | None = None
     if listen.admin_port:
         admin = web.AppRunner(create_admin_app(gateway), access_log=None, shutdown_timeout=1)
         await admin.setup()
-        await web.TCPSite(admin, listen.host, listen.admin_port).start()
+        site = web.TCPSite(admin, listen.host, listen.admin_port, reuse_port=listen.reuse_port)
+        await site.start()
     log_event(
         20, "listening", host=listen.host, port=listen.port, admin_port=listen.admin_port or None,
         config=gateway.config_digest,

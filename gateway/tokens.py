@@ -11,7 +11,7 @@ import hashlib
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 import jwt
 from cachetools import LRUCache
@@ -70,12 +70,31 @@ def parse_token_reply(body: object, now: float) -> Token:
 TokenFetch = Callable[[str, str], Awaitable[Token]]
 
 
+class SharedTokens(Protocol):
+    """Tokens shared by several processes (``state.share_tokens``): one fetch for the fleet."""
+
+    async def fetch(self, org_id: str, key: str, fetch: TokenFetch) -> Token:
+        """A usable shared token, or one fetched with ``fetch`` by exactly one process."""
+        ...
+
+    async def forget(self, org_id: str, key: str, token: Token) -> None:
+        """Drop the shared token if it is still ``token`` (Manager refused it)."""
+        ...
+
+
 class TokenCache:
     """Tokens by (org, key), fetched through ``fetch(org_id, key)`` at most once at a time."""
 
-    def __init__(self, fetch: TokenFetch, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        fetch: TokenFetch,
+        *,
+        clock: Callable[[], float] = time.time,
+        shared: SharedTokens | None = None,
+    ) -> None:
         self._fetch = fetch
         self._clock = clock
+        self._shared = shared
         self._tokens: LRUCache[tuple[str, bytes], Token] = LRUCache(maxsize=MAX_CACHED_TOKENS)
         self._inflight: dict[tuple[str, bytes], asyncio.Future[Token]] = {}
 
@@ -93,14 +112,27 @@ class TokenCache:
         # shield: one caller giving up (deadline, disconnect) must not cancel the others' fetch.
         return await asyncio.shield(future)
 
+    def rebind(self, fetch: TokenFetch) -> None:
+        """Fetch through ``fetch`` from now on (a reloaded client for the same Manager)."""
+        self._fetch = fetch
+
     def invalidate(self, org_id: str, key: str, token: Token) -> None:
         """Drop ``token`` (Manager refused it) unless it was already replaced by a newer one."""
         slot = (org_id, hashlib.sha256(key.encode("utf-8")).digest())
         if self._tokens.get(slot) == token:
             del self._tokens[slot]
 
+    async def forget(self, org_id: str, key: str, token: Token) -> None:
+        """Drop a refused token here and, when tokens are shared, for every process."""
+        self.invalidate(org_id, key, token)
+        if self._shared is not None:
+            await self._shared.forget(org_id, key, token)
+
     async def _fetch_into(self, slot: tuple[str, bytes], org_id: str, key: str) -> Token:
-        token = await self._fetch(org_id, key)
+        if self._shared is not None:
+            token = await self._shared.fetch(org_id, key, self._fetch)
+        else:
+            token = await self._fetch(org_id, key)
         self._tokens[slot] = token
         return token
 

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cachetools import TTLCache
+from cachetools import TLRUCache, TTLCache
 
 from gateway.state import Claim, ClaimStatus, StoredReply
 
@@ -37,13 +37,13 @@ class MemoryStore:
         self,
         *,
         max_entries: int,
-        ttl_s: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._clock = clock
-        # The cache's own TTL bounds memory; each record also carries its own expiry.
-        self._records: TTLCache[str, _Record] = TTLCache(
-            maxsize=max_entries, ttl=ttl_s, timer=clock
+        # Each record expires at its own time (a lease, or the TTL in force when it completed),
+        # so a reload that changes ttl_hours applies to every record from then on.
+        self._records: TLRUCache[str, _Record] = TLRUCache(
+            maxsize=max_entries, ttu=lambda _key, record, _now: record.expires_at, timer=clock
         )
         self._buckets: TTLCache[str, _Bucket] = TTLCache(
             maxsize=DEFAULT_MAX_BUCKETS, ttl=3600, timer=clock
@@ -85,6 +85,9 @@ class MemoryStore:
             state.tokens -= 1.0
             return 0.0
         return (1.0 - state.tokens) / per_second
+
+    async def ping(self) -> bool:
+        return True
 
     async def close(self) -> None:
         self._records.clear()
