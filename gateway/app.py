@@ -25,6 +25,7 @@ from gateway.state.memory import MemoryStore
 from gateway.state.redis import RedisStore, RedisTokens
 
 KEEPALIVE_S = 30.0
+UNLIMITED_BODY = 1 << 40
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,11 @@ def create_app(
     """The partner-facing app; with ``admin_port = 0`` it also serves the admin endpoints."""
     seams = seams or Seams()
     gateway = gateway or create_gateway(config, seams)
-    app = web.Application(middlewares=[create_middleware(gateway.metrics)])
+    # Body size is enforced by intake.py against the live server.max_body_mb (which a reload may
+    # raise); aiohttp's own 1 MiB default would refuse bodies the operator allowed.
+    app = web.Application(
+        middlewares=[create_middleware(gateway.metrics)], client_max_size=UNLIMITED_BODY
+    )
     app[GATEWAY_KEY] = gateway
     add_order_routes(app)
     if config.server.admin_port == 0:

@@ -9,7 +9,7 @@ import secrets
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import Any, Final
 
 from gateway.auth import hash_key
 from gateway.config import Config, load_config, resolve_config_path
@@ -73,12 +73,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return handler(args)
 
 
-def _load(path: str | None, err: TextIO = sys.stderr) -> tuple[Config, Runtime] | None:
+def _load(path: str | None) -> tuple[Config, Runtime] | None:
     try:
         config = load_config(resolve_config_path(path))
         return config, build_runtime(config)
     except ConfigError as exc:
-        print(f"gateway: configuration refused: {exc}", file=err)
+        print(f"gateway: configuration refused: {exc}", file=sys.stderr)
         return None
 
 

@@ -7,6 +7,7 @@ contract's errors. No aiohttp exception leaves this module.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import random
 import time
@@ -42,6 +43,7 @@ from gateway.tokens import (
 )
 
 MAX_ERROR_BODY: Final = 4096
+STREAM_BODY_OVER: Final = 512 * 1024
 USER_AGENT: Final = "telemed-gateway/0.1"
 
 
@@ -188,10 +190,15 @@ class ManagerClient:
         self, url: str, headers: Mapping[str, str], body: bytes | None, deadline: float
     ) -> UpstreamReply:
         remaining = max(0.001, deadline - self._clock())
+        # aiohttp writes a large bytes body in one go and warns; a stream (sharing the bytes,
+        # not copying them) is written in chunks. Each attempt gets its own stream.
+        data: bytes | io.BytesIO | None = body
+        if body is not None and len(body) > STREAM_BODY_OVER:
+            data = io.BytesIO(body)
         try:
             async with self._session.post(
                 url,
-                data=body,
+                data=data,
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=remaining),
                 allow_redirects=False,

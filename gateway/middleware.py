@@ -65,6 +65,8 @@ _HTTP_ERRORS: Final[dict[int, type[PartnerError]]] = {
 
 def to_gateway_error(exc: web.HTTPException) -> GatewayError:
     """aiohttp's own HTTP errors (routing, body size) as the contract's errors."""
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return MethodNotAllowedError(headers={"Allow": ", ".join(sorted(exc.allowed_methods))})
     cls = _HTTP_ERRORS.get(exc.status)
     if cls is not None:
         return cls()

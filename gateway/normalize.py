@@ -13,6 +13,7 @@ from typing import Any, Final
 
 import jmespath
 import jmespath.exceptions
+import jmespath.functions
 from jmespath.parser import ParsedResult
 
 from gateway.errors import ConfigError, ShopMismatchError, ValidationFailedError
@@ -32,6 +33,7 @@ class Profile:
     keep_unmapped: bool
     # Top-level names the expressions read; with keep_unmapped, the other body keys are copied.
     referenced: frozenset[str]
+    reads_whole_body: bool = False  # an expression reads `@` or `*`: nothing is "unmapped"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,29 +55,58 @@ def compile_profile(name: str, fields: Mapping[str, str], keep_unmapped: bool) -
         ConfigError: naming the profile and the field whose expression does not parse.
     """
     compiled: list[tuple[str, ParsedResult]] = []
-    referenced: set[str] = set()
+    roots: set[str | None] = set()
     for target, expression in fields.items():
+        where = f"profiles.{name}.{target}"
         try:
             parsed = jmespath.compile(expression)
         except jmespath.exceptions.JMESPathError as exc:
             raise ConfigError(
-                f"profiles.{name}.{target}: not a valid JMESPath expression "
-                f"({exc.__class__.__name__})"
+                f"{where}: not a valid JMESPath expression ({exc.__class__.__name__})"
             ) from None
+        _check_functions(parsed.parsed, where)
         compiled.append((target, parsed))
-        referenced.update(_field_names(parsed.parsed))
-    return Profile(name, tuple(compiled), keep_unmapped, frozenset(referenced))
+        roots.update(_root_names(parsed.parsed))
+    named = frozenset(root for root in roots if root is not None)
+    return Profile(name, tuple(compiled), keep_unmapped, named, reads_whole_body=None in roots)
 
 
-def _field_names(node: Any) -> Iterator[str]:
-    if isinstance(node, dict):
-        if node.get("type") == "field" and isinstance(node.get("value"), str):
-            yield node["value"]
+# Nodes whose first child is evaluated against the body and the others against its result.
+_LEFT_ONLY: Final = frozenset(
+    {"subexpression", "index_expression", "projection", "value_projection",
+     "filter_projection", "flatten", "pipe"}
+)  # fmt: skip
+_FUNCTIONS: Final = jmespath.functions.Functions().FUNCTION_TABLE
+
+
+def _root_names(node: Any) -> Iterator[str | None]:
+    """Top-level body keys an expression reads (None: the whole body, as ``@`` or ``*``)."""
+    kind = node.get("type")
+    if kind == "field":
+        yield node["value"]
+    elif kind in ("identity", "current"):
+        yield None
+    elif kind in _LEFT_ONLY:
+        yield from _root_names(node["children"][0])
+    elif kind != "expref":  # &expr is applied to elements, not to the body
         for child in node.get("children", ()):
-            yield from _field_names(child)
-    elif isinstance(node, list):
-        for child in node:
-            yield from _field_names(child)
+            yield from _root_names(child)
+
+
+def _check_functions(node: Any, where: str) -> None:
+    """jmespath checks function names and arities only when searching: check them at load."""
+    if node.get("type") == "function_expression":
+        name = node["value"]
+        entry = _FUNCTIONS.get(name)
+        if entry is None:
+            raise ConfigError(f"{where}: unknown JMESPath function {name}()")
+        signature = entry["signature"]
+        count = len(node["children"])
+        variadic = bool(signature) and signature[-1].get("variadic", False)
+        if count < len(signature) or (count > len(signature) and not variadic):
+            raise ConfigError(f"{where}: {name}() takes {len(signature)} argument(s), not {count}")
+    for child in node.get("children", ()):
+        _check_functions(child, where)
 
 
 def apply_profile(body: Mapping[str, object], profile: Profile) -> dict[str, object]:
@@ -85,7 +116,7 @@ def apply_profile(body: Mapping[str, object], profile: Profile) -> dict[str, obj
         ValidationFailedError: an expression could not be evaluated on this body.
     """
     flat: dict[str, object] = {}
-    if profile.keep_unmapped:
+    if profile.keep_unmapped and not profile.reads_whole_body:
         flat.update((k, v) for k, v in body.items() if k not in profile.referenced)
     problems: list[Mapping[str, object]] = []
     for target, expression in profile.fields:
@@ -149,7 +180,7 @@ def build_payload(payload_in: Mapping[str, object], shop_id: str) -> dict[str, o
     payload.update((k, v) for k, v in payload_in.items() if k not in ("shop_id", "org_id"))
     if "prescription_url" in payload:
         alias = payload.pop("prescription_url")
-        if payload.get("prescription_pdf_url") not in (None, alias):
+        if alias is not None and payload.get("prescription_pdf_url") not in (None, alias):
             problems.append(
                 {
                     "field": "payload.prescription_url",
@@ -173,9 +204,11 @@ def _build_line(line: object, index: int, problems: list[Mapping[str, object]]) 
     if not isinstance(line, Mapping):
         return line
     out = dict(line)
-    if "qty" in out:
+    if out.get("qty") is None:
+        out.pop("qty", None)  # a null alias is an alias not sent
+    else:
         qty = to_number(out.pop("qty"))
-        if "quantity" in out and to_number(out["quantity"]) != qty:
+        if out.get("quantity") is not None and to_number(out["quantity"]) != qty:
             problems.append(
                 {
                     "field": f"payload.items[{index}].qty",
