@@ -1,0 +1,384 @@
+"""Shared fixtures for the end-to-end tests: the Manager sandbox, a test configuration, the gateway.
+
+Everything listens on 127.0.0.1. Time is a fake clock shared by the sandbox and the gateway; the
+gateway's sleep only records its delays.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from multidict import CIMultiDictProxy
+from pytest_aiohttp import AiohttpClient, AiohttpServer
+
+from gateway.app import Seams, create_app
+from gateway.auth import hash_key
+from gateway.config import Config, parse_config
+from gateway.gateway import GATEWAY_KEY, Gateway
+from gateway.observability import LOGGER_NAME, setup_logging
+from gateway.sandbox import (
+    DEMO_ORG_ID,
+    DEMO_ORG_KEY,
+    DEMO_SHOP_ID,
+    SANDBOX_KEY,
+    SandboxOrg,
+    SandboxState,
+    create_sandbox_app,
+)
+
+Client = TestClient[web.Request, web.Application]
+TomlValue = str | int | float | bool | Sequence[str]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = REPO_ROOT / "samples"
+ORDER_PATH = "/api/v1/external-order"
+START = 1_700_000_000.0
+SANDBOX_SECRET = b"telemed-gateway-e2e-sandbox-secret-0123456789"
+
+OTHER_ORG_ID = "other-org"
+OTHER_ORG_KEY = "other-org-key-for-tests"
+READER_ORG_ID = "reader-org"
+READER_SHOP_ID = "reader-shop"
+READER_ORG_KEY = "reader-org-key-for-tests"
+SANDBOX_ORGS = (
+    SandboxOrg(DEMO_ORG_ID, frozenset({DEMO_SHOP_ID}), frozenset({DEMO_ORG_KEY})),
+    SandboxOrg(OTHER_ORG_ID, frozenset({"other-shop"}), frozenset({OTHER_ORG_KEY})),
+    # An org whose tokens lack order_requests.write.
+    SandboxOrg(
+        READER_ORG_ID,
+        frozenset({READER_SHOP_ID}),
+        frozenset({READER_ORG_KEY}),
+        scopes=("orders.read",),
+    ),
+)
+
+HOSTED_HOST = "shop.example.test"
+ORG_KEYS_HOST = "orgkeys.example.test"
+ENVIRON: Mapping[str, str] = {
+    "TEST_ORG_KEY": DEMO_ORG_KEY,
+    "TEST_OTHER_ORG_KEY": OTHER_ORG_KEY,
+    "TEST_READER_ORG_KEY": READER_ORG_KEY,
+}
+# Partner name → its key. Each partner's shop is set in PARTNER_TABLES.
+KEYS: Mapping[str, str] = {
+    "acme": "acme-partner-key-0123456789",
+    "fwd": "fwd-partner-key-0123456789",
+    "legacy": "legacy-partner-key-0123456789",
+    "hosted": "hosted-partner-key-0123456789",
+    "strict": "strict-partner-key-0123456789",
+    "drx": "drx-partner-key-0123456789",
+    "mismatch": "mismatch-partner-key-0123456789",
+    "reader": "reader-partner-key-0123456789",
+}
+SHOP_TABLES: Mapping[str, Mapping[str, TomlValue]] = {
+    "main": {"org_id": DEMO_ORG_ID, "shop_id": DEMO_SHOP_ID, "manager_key_env": "TEST_ORG_KEY"},
+    "legacy": {
+        "org_id": DEMO_ORG_ID,
+        "shop_id": DEMO_SHOP_ID,
+        "manager_key_env": "TEST_ORG_KEY",
+        "api": "v1",
+    },
+    "hosted": {
+        "org_id": DEMO_ORG_ID,
+        "shop_id": DEMO_SHOP_ID,
+        "manager_key_env": "TEST_ORG_KEY",
+        "hosts": [HOSTED_HOST],
+    },
+    "orgkeys": {
+        "org_id": DEMO_ORG_ID,
+        "shop_id": DEMO_SHOP_ID,
+        "hosts": [ORG_KEYS_HOST],
+        "accept_org_keys": True,
+    },
+    # The key of another org: Manager answers org_mismatch.
+    "mismatch": {
+        "org_id": DEMO_ORG_ID,
+        "shop_id": DEMO_SHOP_ID,
+        "manager_key_env": "TEST_OTHER_ORG_KEY",
+    },
+    "reader": {
+        "org_id": READER_ORG_ID,
+        "shop_id": READER_SHOP_ID,
+        "manager_key_env": "TEST_READER_ORG_KEY",
+    },
+}
+PARTNER_TABLES: Mapping[str, Mapping[str, TomlValue]] = {
+    "acme": {"shop": "main"},
+    "fwd": {"shop": "main", "pdf": "forward"},
+    "legacy": {"shop": "legacy"},
+    "hosted": {"shop": "hosted"},
+    "strict": {"shop": "main", "require_reference": True},
+    "drx": {"shop": "main", "profile": "drx", "pdf": "forward"},
+    "mismatch": {"shop": "mismatch"},
+    "reader": {"shop": "reader"},
+}
+
+
+def toml_value(value: TomlValue) -> str:
+    """A Python value as TOML (strings, numbers, booleans, lists of strings)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    return "[" + ", ".join(json.dumps(v) for v in value) + "]"
+
+
+def toml_table(name: str, values: Mapping[str, TomlValue]) -> str:
+    lines = [f"[{name}]", *(f"{k} = {toml_value(v)}" for k, v in values.items())]
+    return "\n".join(lines) + "\n"
+
+
+def gateway_toml(
+    base_url: str,
+    *,
+    server: Mapping[str, TomlValue] | None = None,
+    manager: Mapping[str, TomlValue] | None = None,
+) -> str:
+    """The test configuration's TOML for a Manager at ``base_url``; sections can be overridden."""
+    server_table: dict[str, TomlValue] = {"host": "127.0.0.1", "port": 0, **(server or {})}
+    manager_table: dict[str, TomlValue] = {
+        "base_url": base_url,
+        "api": "v2",
+        "timeout_s": 5,
+        "retries": 3,
+        **(manager or {}),
+    }
+    parts = [toml_table("server", server_table), toml_table("manager", manager_table)]
+    parts += [toml_table(f"shops.{name}", table) for name, table in SHOP_TABLES.items()]
+    for name, table in PARTNER_TABLES.items():
+        parts.append(toml_table(f"partners.{name}", {**table, "key_sha256": hash_key(KEYS[name])}))
+    parts.append((SAMPLES / "nested-partner.profile.toml").read_text(encoding="utf-8"))
+    return "\n".join(parts)
+
+
+def load_test_config(base_url: str, **sections: Mapping[str, TomlValue]) -> Config:
+    return parse_config(gateway_toml(base_url, **sections), environ=ENVIRON)
+
+
+def load_sample(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((SAMPLES / name).read_text(encoding="utf-8"))
+    return data
+
+
+def flat_order(**fields: object) -> dict[str, object]:
+    """A small valid flat order; ``fields`` override or add top-level fields."""
+    body: dict[str, object] = {
+        "customer_name": "Erika Musterfrau",
+        "items": [{"name": "Ibuprofen 400", "quantity": 2, "price": 4.5}],
+    }
+    body.update(fields)
+    return body
+
+
+@dataclass
+class FakeTime:
+    """A clock moved by hand and a sleep that records its delays (and may move the clock)."""
+
+    now: float = START
+    delays: list[float] = field(default_factory=list)
+    advance_on_sleep: bool = False
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, delay: float) -> None:
+        self.delays.append(delay)
+        if self.advance_on_sleep:
+            self.now += delay
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    body: Any
+    headers: CIMultiDictProxy[str]
+
+
+async def post_order(
+    client: Client,
+    body: object,
+    *,
+    key: str | None = KEYS["acme"],
+    headers: Mapping[str, str] | None = None,
+    path: str = ORDER_PATH,
+) -> Reply:
+    """POST ``body`` as JSON with the key in ``apikey`` (``key=None``: no key)."""
+    all_headers = {"Content-Type": "application/json", **(headers or {})}
+    if key is not None:
+        all_headers["apikey"] = key
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    # aiohttp warns about large raw bytes bodies; a BytesIO is sent with a Content-Length too.
+    data: bytes | io.BytesIO = io.BytesIO(raw) if len(raw) > 65536 else raw
+    async with client.post(path, data=data, headers=all_headers) as response:
+        return await read_reply(response)
+
+
+async def read_reply(response: Any) -> Reply:
+    raw = await response.read()
+    try:
+        parsed: Any = json.loads(raw)
+    except ValueError:
+        parsed = raw.decode("utf-8", "replace")
+    return Reply(response.status, parsed, response.headers)
+
+
+def assert_error(reply: Reply, status: int, code: str) -> dict[str, Any]:
+    """The contract's JSON error: status, code, a request id equal to the X-Request-ID header."""
+    assert reply.status == status, reply.body
+    assert reply.headers["Content-Type"].startswith("application/json")
+    body = reply.body
+    assert isinstance(body, dict)
+    assert body["error"] == code, body
+    assert isinstance(body["message"], str) and body["message"]
+    assert body["request_id"] and body["request_id"] == reply.headers["X-Request-ID"]
+    assert set(body) <= {"error", "message", "request_id", "details"}
+    return body
+
+
+@dataclass
+class GatewayHarness:
+    client: Client
+    gateway: Gateway
+    config: Config
+
+
+MakeGateway = Callable[..., Awaitable[GatewayHarness]]
+StartSandbox = Callable[..., Awaitable[TestServer]]
+
+
+@pytest.fixture
+def fake_time() -> FakeTime:
+    return FakeTime()
+
+
+@pytest.fixture
+def start_sandbox(aiohttp_server: AiohttpServer, fake_time: FakeTime) -> StartSandbox:
+    """Starts a sandbox on loopback (default: the fake clock, tokens of one hour)."""
+
+    async def start(
+        *, token_ttl_s: int = 3600, clock: Callable[[], float] | None = None
+    ) -> TestServer:
+        app = create_sandbox_app(
+            orgs=SANDBOX_ORGS,
+            token_ttl_s=token_ttl_s,
+            secret=SANDBOX_SECRET,
+            clock=clock or fake_time.clock,
+        )
+        return await aiohttp_server(app, host="127.0.0.1")
+
+    return start
+
+
+@pytest.fixture
+async def sandbox(start_sandbox: StartSandbox) -> TestServer:
+    return await start_sandbox()
+
+
+@pytest.fixture
+def sandbox_state(sandbox: TestServer) -> SandboxState:
+    return sandbox.app[SANDBOX_KEY]
+
+
+def base_url_of(server: TestServer) -> str:
+    return f"http://127.0.0.1:{server.port}"
+
+
+@pytest.fixture
+def make_gateway(
+    aiohttp_client: AiohttpClient, sandbox: TestServer, fake_time: FakeTime
+) -> MakeGateway:
+    """Builds the partner app (in front of the sandbox unless ``base_url`` says otherwise)."""
+
+    async def make(
+        *,
+        base_url: str | None = None,
+        server: Mapping[str, TomlValue] | None = None,
+        manager: Mapping[str, TomlValue] | None = None,
+    ) -> GatewayHarness:
+        config = load_test_config(
+            base_url or base_url_of(sandbox), server=server or {}, manager=manager or {}
+        )
+        seams = Seams(clock=fake_time.clock, sleep=fake_time.sleep, rand=lambda: 0.5)
+        client = await aiohttp_client(create_app(config, seams))
+        return GatewayHarness(client, client.server.app[GATEWAY_KEY], config)
+
+    return make
+
+
+@pytest.fixture
+async def gateway_client(make_gateway: MakeGateway) -> Client:
+    """The partner app in front of the sandbox, with the admin endpoints on the same port."""
+    return (await make_gateway(server={"admin_port": 0})).client
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    """The gateway's JSON log (debug level) in a buffer; logging is restored afterwards."""
+    logger = logging.getLogger(LOGGER_NAME)
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    names = ("aiohttp.access", "aiohttp.server", "aiohttp.web", "aiohttp.client")
+    levels = {name: logging.getLogger(name).level for name in names}
+    stream = io.StringIO()
+    setup_logging("debug", "json", stream=stream)
+    try:
+        yield stream
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+@dataclass
+class FakeManager:
+    """A scripted Manager: answers order requests with ``statuses`` in turn, records each call."""
+
+    statuses: list[int]
+    calls: list[tuple[str, dict[str, str], bytes]] = field(default_factory=list)
+    token_requests: int = 0
+
+    async def order_request(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.calls.append((request.path, dict(request.headers), body))
+        status = self.statuses.pop(0) if self.statuses else 200
+        if status == 200:
+            reference = json.loads(body).get("external_reference")
+            return web.json_response(
+                {"id": "fake-1", "external_reference": reference, "status": "pending"}
+            )
+        return web.json_response({"error": "scripted"}, status=status)
+
+    async def token(self, request: web.Request) -> web.Response:
+        self.token_requests += 1
+        return web.json_response({"access_token": "fake-token", "expires_in": 3600})
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/api/{api}/public/orgs/{org}/order-requests", self.order_request)
+        app.router.add_post("/api/v2/public/orgs/{org}/auth/token", self.token)
+        return app
+
+
+StartFakeManager = Callable[[list[int]], Awaitable[tuple[FakeManager, str]]]
+
+
+@pytest.fixture
+def start_fake_manager(aiohttp_server: AiohttpServer) -> StartFakeManager:
+    """Starts a :class:`FakeManager` on loopback; returns it and its base URL."""
+
+    async def start(statuses: list[int]) -> tuple[FakeManager, str]:
+        fake = FakeManager(list(statuses))
+        server = await aiohttp_server(fake.app(), host="127.0.0.1")
+        return fake, base_url_of(server)
+
+    return start
