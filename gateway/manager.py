@@ -7,11 +7,13 @@ contract's errors. No aiohttp exception leaves this module.
 from __future__ import annotations
 
 import asyncio
+import binascii
 import io
 import json
+import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -69,6 +71,33 @@ class UpstreamReply:
     retry_after: str | None = None
 
 
+# Base64 of a multiple of 3 bytes has no padding: chunks of this size concatenate cleanly.
+SPLICE_CHUNK: Final = 3 * 21846
+
+
+@dataclass(frozen=True, slots=True)
+class SplicedBody:
+    """JSON bytes with a PDF's base64 between ``head`` and ``tail``, encoded while it is sent."""
+
+    head: bytes
+    pdf: bytes | bytearray
+    tail: bytes
+
+    @property
+    def length(self) -> int:
+        return len(self.head) + 4 * math.ceil(len(self.pdf) / 3) + len(self.tail)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        yield self.head
+        view = memoryview(self.pdf)
+        for start in range(0, len(view), SPLICE_CHUNK):
+            yield binascii.b2a_base64(view[start : start + SPLICE_CHUNK], newline=False)
+        yield self.tail
+
+
+UpstreamBody = bytes | SplicedBody
+
+
 class _Transient(Exception):
     """An attempt failed in a way that a retry may fix."""
 
@@ -115,7 +144,7 @@ class ManagerClient:
             client.tokens = TokenCache(client._fetch_token, clock=self._clock, shared=self._shared)
         return client
 
-    async def send_order_request(self, target: UpstreamTarget, body: bytes) -> UpstreamReply:
+    async def send_order_request(self, target: UpstreamTarget, body: UpstreamBody) -> UpstreamReply:
         """POST the envelope to Manager, retrying transient failures within ``timeout_s``.
 
         Raises:
@@ -130,7 +159,7 @@ class ManagerClient:
             raise UpstreamTimeoutError() from None
 
     async def _send_with_retries(
-        self, target: UpstreamTarget, body: bytes, deadline: float
+        self, target: UpstreamTarget, body: UpstreamBody, deadline: float
     ) -> UpstreamReply:
         attempt = 0
         refreshed = False
@@ -168,7 +197,9 @@ class ManagerClient:
             )  # fmt: skip
             await self._sleep(delay)
 
-    async def _attempt(self, target: UpstreamTarget, body: bytes, deadline: float) -> UpstreamReply:
+    async def _attempt(
+        self, target: UpstreamTarget, body: UpstreamBody, deadline: float
+    ) -> UpstreamReply:
         headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
         token: Token | None = None
         if target.api == "v2":
@@ -187,14 +218,20 @@ class ManagerClient:
         return reply
 
     async def _post(
-        self, url: str, headers: Mapping[str, str], body: bytes | None, deadline: float
+        self, url: str, headers: Mapping[str, str], body: UpstreamBody | None, deadline: float
     ) -> UpstreamReply:
         remaining = max(0.001, deadline - self._clock())
-        # aiohttp writes a large bytes body in one go and warns; a stream (sharing the bytes,
-        # not copying them) is written in chunks. Each attempt gets its own stream.
-        data: bytes | io.BytesIO | None = body
-        if body is not None and len(body) > STREAM_BODY_OVER:
+        data: bytes | AsyncIterator[bytes] | io.BytesIO | None
+        if isinstance(body, SplicedBody):
+            # A fresh stream per attempt, with its length known: no chunked encoding upstream.
+            data = body.chunks()
+            headers = {**headers, "Content-Length": str(body.length)}
+        elif body is not None and len(body) > STREAM_BODY_OVER:
+            # aiohttp writes a large bytes body in one go and warns; a stream sharing the
+            # bytes (not a copy) is written in chunks.
             data = io.BytesIO(body)
+        else:
+            data = body
         try:
             async with self._session.post(
                 url,

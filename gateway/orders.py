@@ -20,7 +20,7 @@ from gateway.errors import (
     ValidationFailedError,
 )
 from gateway.idempotency import build_fingerprint, build_key, to_replay
-from gateway.manager import ManagerClient, UpstreamReply
+from gateway.manager import ManagerClient, SplicedBody, UpstreamBody, UpstreamReply
 from gateway.models import parse_envelope
 from gateway.normalize import build_envelope
 from gateway.observability import bind_log_context, log_event
@@ -142,27 +142,28 @@ async def submit_order(
     bind_log_context(external_reference=order.reference)
     payload = order.payload
     inline = payload.get("prescription_pdf_base64")
-    fetched: bytes | None = None
+    fetched: bytearray | None = None
     if inline is not None and not order.uploaded:
         check_inline_pdf(inline, max_pdf_bytes)
     elif route.pdf == "fetch" and isinstance(payload.get("prescription_pdf_url"), str):
         url = payload.pop("prescription_pdf_url")
         assert isinstance(url, str)
-        fetched = base64.b64encode(await pdf.fetch_pdf(url))  # the raw bytes are freed here
+        fetched = await pdf.fetch_pdf(url)
     return await manager.send_order_request(
         route.upstream, encode_envelope(order.envelope, payload, fetched)
     )
 
 
 def encode_envelope(
-    envelope: Mapping[str, object], payload: dict[str, object], pdf_base64: bytes | None
-) -> bytes:
+    envelope: Mapping[str, object], payload: dict[str, object], pdf: bytes | bytearray | None
+) -> UpstreamBody:
     """The JSON body for Manager, serialised once.
 
-    A fetched PDF's base64 is spliced into the bytes rather than passed through ``json.dumps``
-    as a str, so that a 10 MB PDF exists in memory as few times as possible.
+    A fetched PDF is not put through ``json.dumps``: the envelope is serialised around a
+    placeholder, and the PDF is base64-encoded chunk by chunk while it is sent, so a 10 MB PDF
+    is in memory once (not as bytes, base64 bytes, a JSON str and its encoding).
     """
-    if pdf_base64 is None:
+    if pdf is None:
         return json.dumps(envelope, ensure_ascii=False, separators=_COMPACT).encode("utf-8")
     payload["prescription_pdf_base64"] = _PDF_PLACEHOLDER
     try:
@@ -170,7 +171,7 @@ def encode_envelope(
     finally:
         del payload["prescription_pdf_base64"]
     head, tail = text.split(_PDF_PLACEHOLDER, 1)
-    return b"".join((head.encode("utf-8"), pdf_base64, tail.encode("utf-8")))
+    return SplicedBody(head.encode("utf-8"), pdf, tail.encode("utf-8"))
 
 
 _COMPACT: Final = (",", ":")

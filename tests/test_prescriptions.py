@@ -346,3 +346,20 @@ async def test_inline_base64_pdf_is_checked_before_forwarding(
     assert bad.status == 422
     assert (await bad.json())["error"] == "prescription_pdf_invalid"
     assert len(received(sandbox)) == 1
+
+
+async def test_large_fetched_pdf_is_streamed_to_manager_intact(
+    aiohttp_client: ClientFactory, sandbox: TestServer, pdf_host: tuple[PdfHost, TestServer]
+) -> None:
+    _, server = pdf_host
+    client = await start_gateway(aiohttp_client, sandbox, server, max_mb=5)
+    url = f"http://127.0.0.1:{server.port}/big.pdf"
+
+    response = await client.post(
+        ORDER_PATH, json={"customer_name": "A", "prescription_url": url},
+        headers={"apikey": FETCH_KEY},
+    )  # fmt: skip
+
+    assert response.status == 200, await response.text()
+    pdf = base64.b64decode(received(sandbox)[0]["payload"]["prescription_pdf_base64"])
+    assert pdf == b"%PDF-" + b"x" * 2_000_000
