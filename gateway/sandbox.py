@@ -363,6 +363,8 @@ class _Manager:
         return web.json_response({"queued": len(self.state.faults)}, status=201)
 
 
+SANDBOX_MAX_BODY: Final = 64 * 1024 * 1024
+
 # A minimal valid PDF: what the demo's prescription URL serves (see config/demo.toml).
 SAMPLE_PDF: Final = (
     b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj\n"
@@ -405,7 +407,8 @@ def create_sandbox_app(
         raise ValueError("sandbox orgs must have distinct org ids and distinct keys")
     state = SandboxState(orgs=by_id, token_ttl_s=token_ttl_s)
     manager = _Manager(state, secret if secret is not None else secrets.token_bytes(32), clock)
-    app = web.Application(middlewares=[_kong_not_found])
+    # Manager documents no size limit; prescriptions of several MB arrive as base64.
+    app = web.Application(middlewares=[_kong_not_found], client_max_size=SANDBOX_MAX_BODY)
     app[SANDBOX_KEY] = state
     v1, v2 = _ORG_PATH.format(api="v1"), _ORG_PATH.format(api="v2")
     app.router.add_post(f"{v2}/auth/token", manager.exchange_token)
