@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
@@ -76,7 +77,13 @@ if current and cjson.decode(current)['value'] == ARGV[1] then
 end
 return 0
 """
-TOKEN_LOCK_S: Final = 10.0
+# KEYS[1] lock; ARGV the holder's value. Only the holder frees its lock.
+_UNLOCK: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# Longer than any token request can take (manager.timeout_s is at most a few tens of seconds).
+TOKEN_LOCK_S: Final = 30.0
 TOKEN_POLL_S: Final = 0.05
 
 T = TypeVar("T")
@@ -144,9 +151,6 @@ class RedisStore:
             )
         )
 
-    async def delete(self, key: str) -> None:
-        await self._guard(lambda: self._redis.delete(self.key(key)))
-
     async def close(self) -> None:
         await self._redis.aclose()
 
@@ -178,27 +182,44 @@ class RedisTokens:
         self._clock = clock
         self._sleep = sleep
         self._forget = store.client.register_script(_FORGET_TOKEN)
+        self._unlock = store.client.register_script(_UNLOCK)
 
     async def fetch(self, org_id: str, key: str, fetch: TokenFetch) -> Token:
         slot = _token_slot(org_id, key)
+        lock = f"{slot}:lock"
+        holder = secrets.token_hex(16)
         give_up = self._clock() + TOKEN_LOCK_S
         while True:
-            cached = await self._store.get_json(slot)
-            if isinstance(cached, dict):
-                token = Token(**cached)
-                if token.is_usable(self._clock()):
-                    return token
-            if await self._store.set_json(f"{slot}:lock", 1, TOKEN_LOCK_S, only_new=True):
+            token = await self._usable(slot)
+            if token is not None:
+                return token
+            if await self._store.set_json(lock, holder, TOKEN_LOCK_S, only_new=True):
                 try:
-                    token = await fetch(org_id, key)
-                    ttl = token.expires_at - self._clock()
-                    await self._store.set_json(slot, asdict(token), ttl, only_new=False)
-                    return token
+                    # Another process may have stored one between our look and our lock.
+                    return await self._usable(slot) or await self._fetch_and_share(
+                        slot, org_id, key, fetch
+                    )
                 finally:
-                    await self._store.delete(f"{slot}:lock")
-            if self._clock() >= give_up:  # the lock holder died mid-fetch: do it ourselves
-                return await fetch(org_id, key)
+                    await self._store.call(
+                        self._unlock, [self._store.key(lock)], [json.dumps(holder)]
+                    )
+            if self._clock() >= give_up:  # the lock holder is stuck: do it ourselves
+                return await self._fetch_and_share(slot, org_id, key, fetch)
             await self._sleep(TOKEN_POLL_S)
+
+    async def _usable(self, slot: str) -> Token | None:
+        cached = await self._store.get_json(slot)
+        if isinstance(cached, dict):
+            token = Token(**cached)
+            if token.is_usable(self._clock()):
+                return token
+        return None
+
+    async def _fetch_and_share(self, slot: str, org_id: str, key: str, fetch: TokenFetch) -> Token:
+        token = await fetch(org_id, key)
+        ttl = token.expires_at - self._clock()
+        await self._store.set_json(slot, asdict(token), ttl, only_new=False)
+        return token
 
     async def forget(self, org_id: str, key: str, token: Token) -> None:
         slot = self._store.key(_token_slot(org_id, key))
