@@ -7,10 +7,10 @@ order and whitespace do not matter, a PDF URL counts, not its bytes) tells repea
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping
 from typing import Final
 
+from gateway.codec import dump_canonical
 from gateway.errors import IdempotencyConflictError, RequestInProgressError
 from gateway.state import Claim, ClaimStatus, StoredReply
 
@@ -25,8 +25,12 @@ def build_key(partner: str, reference: str) -> str:
 
 def build_fingerprint(envelope: Mapping[str, object]) -> str:
     """sha256 of the canonical envelope: sorted keys, no whitespace, before any PDF is fetched."""
-    canonical = json.dumps(envelope, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return hash_canonical(dump_canonical(envelope))
+
+
+def hash_canonical(canonical: bytes) -> str:
+    """The fingerprint of envelope bytes already in canonical form (``codec.dump_canonical``)."""
+    return hashlib.sha256(canonical).hexdigest()
 
 
 def to_replay(claim: Claim) -> StoredReply | None:

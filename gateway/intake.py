@@ -5,13 +5,13 @@ The body is read only after authentication, and never past ``server.max_body_mb`
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
 from aiohttp import BodyPartReader, web
 
+from gateway.codec import parse_json
 from gateway.errors import (
     InvalidJsonError,
     PayloadTooLargeError,
@@ -60,8 +60,8 @@ async def read_intake(request: web.Request, max_bytes: int) -> Intake:
 def parse_json_object(raw: bytes) -> Mapping[str, object]:
     """The body as a JSON object, or :class:`InvalidJsonError`."""
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        data = parse_json(raw)
+    except ValueError:  # UnicodeDecodeError included
         raise InvalidJsonError() from None
     if not isinstance(data, dict):
         raise InvalidJsonError("The body is JSON, but not an object.")

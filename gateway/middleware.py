@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -41,7 +41,7 @@ def build_request_id(incoming: str | None) -> str:
     """The caller's id when it is safe to echo and log; a fresh one otherwise."""
     if incoming and _SAFE_REQUEST_ID.match(incoming):
         return incoming
-    return uuid.uuid4().hex
+    return secrets.token_hex(16)
 
 
 def error_response(error: GatewayError, request_id: str) -> web.Response:

@@ -7,7 +7,6 @@ fields (request id, partner, shop) come from a context variable set once per req
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import traceback
@@ -25,6 +24,8 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+
+from gateway.codec import dump_line
 
 LOGGER_NAME: Final = "gateway"
 # Every field a log line may carry. Nothing else is written, whatever a caller passes.
@@ -52,7 +53,8 @@ LOG_FIELDS: Final = (
     "replayed",
     "result",
 )
-_CONTEXT: ContextVar[Mapping[str, object] | None] = ContextVar("gateway_log_context", default=None)
+# One dict per request, set by log_context and filled in place by bind_log_context.
+_CONTEXT: ContextVar[dict[str, object] | None] = ContextVar("gateway_log_context", default=None)
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -75,7 +77,11 @@ def log_context(**fields: object) -> Iterator[None]:
 
 def bind_log_context(**fields: object) -> None:
     """Add fields to the current block's context (e.g. the partner, once authenticated)."""
-    _CONTEXT.set({**(_CONTEXT.get() or {}), **fields})
+    current = _CONTEXT.get()
+    if current is None:
+        _CONTEXT.set(dict(fields))
+    else:
+        current.update(fields)
 
 
 def current_log_fields() -> Mapping[str, object]:
@@ -107,7 +113,7 @@ class JsonFormatter(logging.Formatter):
             "event": record.msg if isinstance(record.msg, str) else "log",
         }
         line.update(_collect(record))
-        return json.dumps(line, default=str, ensure_ascii=False)
+        return dump_line(line).decode("utf-8")
 
 
 class TextFormatter(logging.Formatter):

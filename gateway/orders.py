@@ -7,19 +7,19 @@ HTTP stays outside: this module takes a parsed body and returns Manager's reply.
 from __future__ import annotations
 
 import base64
-import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from gateway.codec import dump_canonical
 from gateway.errors import (
     PayloadTooLargeError,
     PrescriptionPdfInvalidError,
     StateUnavailableError,
     ValidationFailedError,
 )
-from gateway.idempotency import build_fingerprint, build_key, to_replay
+from gateway.idempotency import build_key, hash_canonical, to_replay
 from gateway.manager import ManagerClient, SplicedBody, UpstreamBody, UpstreamReply
 from gateway.models import parse_envelope
 from gateway.normalize import build_envelope
@@ -36,7 +36,12 @@ class PreparedOrder:
     envelope: dict[str, object]
     payload: dict[str, object]
     reference: str
+    body: bytes  # the envelope serialised once: what is sent (without a fetch) and hashed
     uploaded: bool = False  # the PDF came as a multipart file and is already checked
+
+    @property
+    def fingerprint(self) -> str:
+        return hash_canonical(self.body)
 
 
 def prepare_order(
@@ -59,7 +64,13 @@ def prepare_order(
         attach_prescription(payload, prescription, max_pdf_bytes)
     parsed = parse_envelope(envelope)
     assert isinstance(payload, dict)  # parse_envelope has checked it is an object
-    return PreparedOrder(envelope, payload, parsed.external_reference, prescription is not None)
+    return PreparedOrder(
+        envelope,
+        payload,
+        parsed.external_reference,
+        dump_canonical(envelope),
+        uploaded=prescription is not None,
+    )
 
 
 def attach_prescription(payload: dict[str, object], data: bytes, max_bytes: int) -> None:
@@ -105,7 +116,7 @@ async def deliver_order(
     are forgotten so that the partner may retry them.
     """
     key = build_key(route.target.partner, order.reference)
-    fingerprint = build_fingerprint(order.envelope)  # before the PDF step: a URL, not its bytes
+    fingerprint = order.fingerprint  # before the PDF step: a URL, not its bytes
     replay = to_replay(await store.claim(key, fingerprint, lease_s))
     if replay is not None:
         bind_log_context(replayed=True)
@@ -149,9 +160,10 @@ async def submit_order(
         url = payload.pop("prescription_pdf_url")
         assert isinstance(url, str)
         fetched = await pdf.fetch_pdf(url)
-    return await manager.send_order_request(
-        route.upstream, encode_envelope(order.envelope, payload, fetched)
-    )
+    body: UpstreamBody = order.body
+    if fetched is not None:
+        body = encode_envelope(order.envelope, payload, fetched)
+    return await manager.send_order_request(route.upstream, body)
 
 
 def encode_envelope(
@@ -159,22 +171,21 @@ def encode_envelope(
 ) -> UpstreamBody:
     """The JSON body for Manager, serialised once.
 
-    A fetched PDF is not put through ``json.dumps``: the envelope is serialised around a
+    A fetched PDF is not put through the JSON encoder: the envelope is serialised around a
     placeholder, and the PDF is base64-encoded chunk by chunk while it is sent, so a 10 MB PDF
     is in memory once (not as bytes, base64 bytes, a JSON str and its encoding).
     """
     if pdf is None:
-        return json.dumps(envelope, ensure_ascii=False, separators=_COMPACT).encode("utf-8")
+        return dump_canonical(envelope)
     payload["prescription_pdf_base64"] = _PDF_PLACEHOLDER
     try:
-        text = json.dumps(envelope, ensure_ascii=False, separators=_COMPACT)
+        data = dump_canonical(envelope)
     finally:
         del payload["prescription_pdf_base64"]
-    head, tail = text.split(_PDF_PLACEHOLDER, 1)
-    return SplicedBody(head.encode("utf-8"), pdf, tail.encode("utf-8"))
+    head, tail = data.split(_PDF_PLACEHOLDER.encode("ascii"), 1)
+    return SplicedBody(head, pdf, tail)
 
 
-_COMPACT: Final = (",", ":")
 # Base64 needs no JSON escaping, so the placeholder's position is where the bytes go verbatim.
 _PDF_PLACEHOLDER: Final = f"telemed-gateway-pdf-{uuid.uuid4().hex}"
 
