@@ -47,6 +47,8 @@ from gateway.tokens import (
 MAX_ERROR_BODY: Final = 4096
 STREAM_BODY_OVER: Final = 512 * 1024
 USER_AGENT: Final = "telemed-gateway/0.1"
+# No per-request timer: the caller's asyncio.timeout is the deadline (one timer, not two).
+_NO_TIMEOUT: Final = aiohttp.ClientTimeout(total=None)
 
 
 class OrgKeyRefusedError(UnauthorizedError):
@@ -153,9 +155,11 @@ class ManagerClient:
         """
         deadline = self._clock() + self._config.timeout_s
         try:
+            # The one deadline: attempts, backoff and the wait for a token all run inside it.
             async with asyncio.timeout(self._config.timeout_s):
                 return await self._send_with_retries(target, body, deadline)
         except TimeoutError:
+            self._metrics.upstream_requests.labels(status="timeout").inc()
             raise UpstreamTimeoutError() from None
 
     async def _send_with_retries(
@@ -209,7 +213,7 @@ class ManagerClient:
             headers["apikey"] = target.key
         url = f"{self._config.base_url}/api/{target.api}/public/orgs/{target.org_id}/order-requests"
         started = time.perf_counter()
-        reply = await self._post(url, headers, body, deadline)
+        reply = await self._post(url, headers, body)
         self._metrics.upstream_duration.observe(time.perf_counter() - started)
         self._metrics.upstream_requests.labels(status=str(reply.status)).inc()
         bind_log_context(upstream_status=reply.status)
@@ -218,9 +222,18 @@ class ManagerClient:
         return reply
 
     async def _post(
-        self, url: str, headers: Mapping[str, str], body: UpstreamBody | None, deadline: float
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        body: UpstreamBody | None,
+        deadline: float | None = None,
     ) -> UpstreamReply:
-        remaining = max(0.001, deadline - self._clock())
+        """One POST. ``deadline`` bounds it on its own (token fetches run in a task of their own,
+        outside the caller's deadline); order requests are bounded by their caller's deadline.
+        """
+        timeout = _NO_TIMEOUT
+        if deadline is not None:
+            timeout = aiohttp.ClientTimeout(total=max(0.001, deadline - self._clock()))
         data: bytes | AsyncIterator[bytes] | io.BytesIO | None
         if isinstance(body, SplicedBody):
             # A fresh stream per attempt, with its length known: no chunked encoding upstream.
@@ -237,7 +250,7 @@ class ManagerClient:
                 url,
                 data=data,
                 headers=headers,
-                timeout=aiohttp.ClientTimeout(total=remaining),
+                timeout=timeout,
                 allow_redirects=False,
             ) as response:
                 data = await response.read()
@@ -247,10 +260,9 @@ class ManagerClient:
                     response.content_type,
                     response.headers.get("Retry-After"),
                 )
-        except TimeoutError:
-            self._metrics.upstream_requests.labels(status="timeout").inc()
-            raise
         except aiohttp.ClientError as exc:
+            if isinstance(exc, TimeoutError):
+                raise  # the token fetch's own deadline: reported by the caller
             self._metrics.upstream_requests.labels(status="error").inc()
             raise _Transient(exc.__class__.__name__) from exc
 
