@@ -396,7 +396,9 @@ def proxy_conf(home: Path, port: int, upstream_port: int) -> str:
     )
 
 
-def gateway_conf(port: int, admin_port: int, upstream_port: int, *, pdf: bool) -> str:
+def gateway_conf(
+    port: int, admin_port: int, upstream_port: int, *, pdf: bool, redis: bool = False
+) -> str:
     """A real configuration: v2 with a token, logs at info (JSON), metrics, idempotency on."""
     from gateway.auth import hash_key
 
@@ -426,6 +428,13 @@ pdf = "fetch"
 [logging]
 level = "info"
 format = "json"
+"""
+    if redis:
+        text += """
+[state]
+backend = "redis"
+redis_url_env = "REDIS_URL"
+share_tokens = true
 """
     if pdf:
         text += f"""
@@ -528,10 +537,15 @@ class Bench:
         self.run_id = datetime.now(UTC).strftime("%H%M%S") + secrets.token_hex(2)
         self.wrk = find_tool("wrk")
         self.nginx = find_tool("nginx")
-        ports = free_ports(8)
+        ports = free_ports(13)
         self.up_port, self.ngx_port, self.naive_port, self.tuned_port = ports[:4]
-        self.gw_port, self.gw_admin, self.pdf_port, self.pdf_admin = ports[4:]
-        self.env = {**os.environ, ORG_KEY_ENV: ORG_KEY}
+        self.gw_port, self.gw_admin, self.pdf_port, self.pdf_admin = ports[4:8]
+        self.redis_port, self.gwr_port, self.gwr_admin, self.gw2_port, self.gw2_admin = ports[8:]
+        self.env = {
+            **os.environ,
+            ORG_KEY_ENV: ORG_KEY,
+            "REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
+        }
         self.targets: dict[str, Target] = {}
         self.gateway: dict[str, Any] = {}
         self.pdf: dict[str, Any] = {}
@@ -569,13 +583,44 @@ class Bench:
         tuned.wait_ready(self.tuned_port, "/", need_200=False)
         gw = self.start_gateway("gateway", self.gw_port, self.gw_admin, pdf=False)
         gw.wait_ready(self.gw_admin, "/readyz", need_200=True)
+        self.start_redis()
+        gwr = self.start_gateway("gw-redis", self.gwr_port, self.gwr_admin, pdf=False, redis=True)
+        gwr.wait_ready(self.gwr_admin, "/readyz", need_200=True)
+        gw2 = self.start_gateway(
+            "gw-redis-w2", self.gw2_port, self.gw2_admin, pdf=False, redis=True, workers=2
+        )
+        gw2.wait_ready(self.gw2_admin, "/readyz", need_200=True)
+        time.sleep(0.3)  # noqa: TID251 - let the second worker bind before wrk connects
+        gw2.pids = [gw2.pid, *child_pids(gw2.pid)]
         self.targets = {
             "direct": Target("direct", self.up_port, V1_ORDERS, up, key=ORG_KEY),
             "nginx": Target("nginx", self.ngx_port, ORDER_PATH, ngx),
             "naive": Target("naive", self.naive_port, ORDER_PATH, naive),
             "tuned": Target("tuned", self.tuned_port, ORDER_PATH, tuned),
             "gateway": Target("gateway", self.gw_port, ORDER_PATH, gw),
+            "gw-redis": Target("gw-redis", self.gwr_port, ORDER_PATH, gwr),
+            "gw-redis-w2": Target("gw-redis-w2", self.gw2_port, ORDER_PATH, gw2),
         }
+
+    def start_redis(self) -> Server:
+        """redis-server on loopback, no persistence (it holds shared Manager tokens)."""
+        cmd = [
+            find_tool("redis-server"), "--port", str(self.redis_port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no",
+        ]  # fmt: skip
+        server = self.launch(Server("redis", cmd, self.tmp / "redis.log"))
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            server.check_alive()
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.redis_port), timeout=1) as conn,
+            ):
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    return server
+            time.sleep(0.01)  # noqa: TID251 - a synchronous harness, no event loop here
+        raise BenchError("redis-server did not answer PING")
 
     def start_proxy(self, name: str, port: int, *extra: str) -> Server:
         cmd = [
@@ -585,10 +630,14 @@ class Bench:
         ]  # fmt: skip
         return self.launch(Server(name, cmd, self.tmp / f"{name}.log"))
 
-    def start_gateway(self, name: str, port: int, admin: int, *, pdf: bool) -> Server:
+    def start_gateway(
+        self, name: str, port: int, admin: int, *, pdf: bool, redis: bool = False, workers: int = 1
+    ) -> Server:
         conf = self.tmp / f"{name}.toml"
-        conf.write_text(gateway_conf(port, admin, self.up_port, pdf=pdf))
+        conf.write_text(gateway_conf(port, admin, self.up_port, pdf=pdf, redis=redis))
         cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(conf)]
+        if workers > 1:
+            cmd += ["--workers", str(workers)]
         return self.launch(Server(name, cmd, self.tmp / f"{name}.log", env=self.env))
 
     def check_upstream(self) -> None:
@@ -712,7 +761,7 @@ class Bench:
         print("load (interleaved) …", flush=True)
         self.load()
         self.read_gateway()
-        for name in ("nginx", "naive", "tuned", "gateway"):
+        for name in ("nginx", "naive", "tuned", "gateway", "gw-redis", "gw-redis-w2"):
             self.targets[name].server.stop()
         print("10 MiB PDF through a fresh gateway …", flush=True)
         self.measure_pdf()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make bench`: install what the benchmark needs if it is missing, then run it.
-#   wrk and nginx from Debian (apt-get, as root or through sudo), orjson into the project's venv
+#   wrk, nginx and redis-server from Debian (apt-get, as root or through sudo), orjson into the project's venv
 #   (for the tuned hand-written proxy). Arguments go to bench/bench.py (--quick, --rounds, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +16,7 @@ have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
 missing=()
 have wrk || missing+=(wrk)
 have nginx || missing+=(nginx)
+have redis-server || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
