@@ -22,7 +22,6 @@ from gateway.routes import add_admin_routes, add_order_routes
 from gateway.runtime import build_runtime
 from gateway.state import StateStore
 from gateway.state.memory import MemoryStore
-from gateway.state.redis import RedisStore, RedisTokens
 
 KEEPALIVE_S = 30.0
 UNLIMITED_BODY = 1 << 40
@@ -53,6 +52,8 @@ def create_gateway(config: Config, seams: Seams | None = None) -> Gateway:
 def create_store(config: Config, seams: Seams) -> StateStore:
     """The configured state backend: this process's memory, or Redis shared by all."""
     if config.state.backend == "redis":
+        from gateway.state.redis import RedisStore  # only then: redis-py costs memory and start-up
+
         assert config.state.redis_url is not None  # load_config resolved it
         return RedisStore(config.state.redis_url.get_secret_value())
     return MemoryStore(
@@ -100,7 +101,10 @@ def _services(gateway: Gateway, seams: Seams) -> Callable[[web.Application], Asy
             cookie_jar=aiohttp.DummyCookieJar(),
         )
         shared = None
-        if config.state.share_tokens and isinstance(gateway.state, RedisStore):
+        if config.state.share_tokens:
+            from gateway.state.redis import RedisStore, RedisTokens
+
+            assert isinstance(gateway.state, RedisStore)  # config: share_tokens needs redis
             shared = RedisTokens(gateway.state, clock=seams.clock, sleep=seams.sleep)
         gateway.manager_client = ManagerClient(
             session, config.manager, metrics=gateway.metrics,
