@@ -6,14 +6,17 @@ gateway's sleep only records its delays.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -382,3 +385,48 @@ def start_fake_manager(aiohttp_server: AiohttpServer) -> StartFakeManager:
         return fake, base_url_of(server)
 
     return start
+
+
+SLOW_MANAGER_SECRET = b"fake-manager-signing-secret-32-bytes-long!"
+
+
+class SlowManager:
+    """A scripted Manager: tokens on demand; order requests wait for ``release`` before a 200."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.called = asyncio.Event()
+        self.calls = 0
+        self.token_calls = 0
+        self.references: list[object] = []
+
+    async def token(self, request: web.Request) -> web.Response:
+        self.token_calls += 1
+        now = int(time.time())
+        claims = {"org_id": request.match_info["org_id"], "scopes": ["order_requests.write"]}
+        token = jwt.encode({**claims, "iat": now, "exp": now + 3600}, SLOW_MANAGER_SECRET, "HS256")
+        return web.json_response(
+            {"access_token": token, "token_type": "Bearer", "expires_in": 3600}
+        )
+
+    async def order_request(self, request: web.Request) -> web.Response:
+        self.calls += 1
+        self.called.set()
+        envelope = await request.json()
+        self.references.append(envelope["external_reference"])
+        await self.release.wait()
+        return web.json_response(
+            {
+                "id": f"fake-{self.calls}",
+                "external_reference": envelope["external_reference"],
+                "message": "Order request received.",
+                "status": "pending",
+            }
+        )
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        base = "/api/v2/public/orgs/{org_id}"
+        app.router.add_post(f"{base}/auth/token", self.token)
+        app.router.add_post(f"{base}/order-requests", self.order_request)
+        return app

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import jwt
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from conftest import SlowManager
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from gateway.app import Seams, create_app, create_gateway
@@ -314,37 +314,6 @@ async def test_valid_file_after_a_refused_one_is_taken(
 
 
 # (c) a request in flight finishes on the configuration it started with
-
-FAKE_SECRET = b"reload-fake-manager-secret-of-32-bytes+"
-
-
-class SlowManager:
-    """A scripted Manager whose order-requests answer 200 only once ``release`` is set."""
-
-    def __init__(self) -> None:
-        self.release = asyncio.Event()
-        self.called = asyncio.Event()
-        self.calls = 0
-
-    async def token(self, request: web.Request) -> web.Response:
-        now = int(time.time())
-        claims = {"org_id": request.match_info["org_id"], "scopes": ["order_requests.write"]}
-        token = jwt.encode({**claims, "iat": now, "exp": now + 3600}, FAKE_SECRET, "HS256")
-        return web.json_response({"access_token": token, "expires_in": 3600})
-
-    async def order_request(self, request: web.Request) -> web.Response:
-        self.calls += 1
-        envelope = await request.json()
-        self.called.set()
-        await self.release.wait()
-        reply = {"id": f"fake-{self.calls}", "external_reference": envelope["external_reference"]}
-        return web.json_response({**reply, "status": "pending"})
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/api/v2/public/orgs/{org_id}/auth/token", self.token)
-        app.router.add_post("/api/v2/public/orgs/{org_id}/order-requests", self.order_request)
-        return app
 
 
 async def test_request_in_flight_finishes_on_the_old_config(
