@@ -15,7 +15,7 @@ from gateway.app import Seams, create_admin_app, create_app, create_gateway
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError
 from gateway.gateway import Gateway
-from gateway.observability import Metrics, log_event
+from gateway.observability import Metrics, log_event, setup_logging
 from gateway.runtime import build_runtime
 
 GC_GEN0_THRESHOLD: Final = 20_000
@@ -32,13 +32,22 @@ class Listen:
 
 def reload_config(gateway: Gateway, path: Path) -> bool:
     """Re-read the file; swap it in if valid, keep the old one (and say why) if not."""
+    old = gateway.runtime.config
     try:
         config = load_config(path)
         runtime = build_runtime(config)
+        if config.state != old.state:
+            # The store was opened at start-up; another one would silently void its promises.
+            raise ConfigError("state: changing the state settings needs a restart")
     except ConfigError as exc:
         log_event(40, "config_reload_refused", reason=str(exc), config=gateway.config_digest)
         return False
-    old = gateway.runtime.config
+    if _listening(config) != _listening(old) or (
+        config.idempotency.max_entries != old.idempotency.max_entries
+    ):
+        log_event(30, "config_change_needs_restart", reason="server ports or max_entries")
+    if config.logging != old.logging:
+        setup_logging(config.logging.level, config.logging.format)
     if config.manager != old.manager and gateway.manager_client is not None:
         gateway.manager_client = gateway.manager_client.with_config(config.manager)
     if config.pdf != old.pdf and gateway.pdf_fetcher is not None:
@@ -47,6 +56,10 @@ def reload_config(gateway: Gateway, path: Path) -> bool:
     gateway.metrics.set_config(config.digest)
     log_event(20, "config_reloaded", config=gateway.config_digest)
     return True
+
+
+def _listening(config: Config) -> tuple[str, int, int]:
+    return config.server.host, config.server.port, config.server.admin_port
 
 
 async def serve(config: Config, path: Path, listen: Listen) -> None:

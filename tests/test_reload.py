@@ -492,3 +492,38 @@ def _contains(path: Path, text: str) -> Any:
         return text in read(path)
 
     return check
+
+
+async def test_reload_that_changes_the_state_backend_is_refused(
+    client: Client,
+    gateway: Gateway,
+    config_path: Path,
+    base_url: str,
+    log_stream: io.StringIO,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RELOAD_REDIS_URL", "redis://127.0.0.1:1/0")  # never connected to
+    before = gateway.runtime
+    write(
+        config_path,
+        config_text(
+            base_url, extra='\n[state]\nbackend = "redis"\nredis_url_env = "RELOAD_REDIS_URL"\n'
+        ),
+    )
+
+    assert reload_config(gateway, config_path) is False
+
+    assert gateway.runtime is before
+    [refusal] = [e for e in log_events(log_stream) if e["event"] == "config_reload_refused"]
+    assert "state" in refusal["reason"] and "restart" in refusal["reason"]
+    assert (await post(client, KEY_A, "AFTER-STATE"))[0] == 200
+
+
+async def test_reload_applies_a_new_log_level(
+    client: Client, gateway: Gateway, config_path: Path, base_url: str, log_stream: io.StringIO
+) -> None:
+    write(config_path, config_text(base_url).replace('level = "info"', 'level = "warning"'))
+
+    assert reload_config(gateway, config_path) is True
+
+    assert logging.getLogger(LOGGER_NAME).level == logging.WARNING
