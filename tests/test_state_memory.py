@@ -194,3 +194,31 @@ async def test_refused_take_does_not_consume(store: MemoryStore, clock: FakeCloc
         assert await store.take("rate:drx", 60) > 0
     clock.advance(1.0)
     assert await store.take("rate:drx", 60) == 0.0
+
+
+# bounds
+
+
+async def test_records_beyond_max_entries_are_dropped_oldest_first(clock: FakeClock) -> None:
+    store = MemoryStore(max_entries=3, clock=clock)
+    reply = StoredReply(200, b"{}", "application/json")
+    for n in range(4):
+        await store.claim(f"k{n}", FP, TTL_S)
+        await store.complete(f"k{n}", FP, reply, TTL_S)
+
+    assert (await store.claim("k0", FP, TTL_S)).status is ClaimStatus.NEW  # the oldest went
+    assert (await store.claim("k3", FP, TTL_S)).status is ClaimStatus.REPLAY
+
+
+async def test_expired_records_leave_memory_when_newer_ones_arrive(
+    store: MemoryStore, clock: FakeClock
+) -> None:
+    reply = StoredReply(200, b"{}", "application/json")
+    for n in range(10):
+        await store.claim(f"old{n}", FP, TTL_S)
+        await store.complete(f"old{n}", FP, reply, TTL_S)
+    clock.advance(TTL_S + 1)
+
+    await store.claim("new", FP, TTL_S)
+
+    assert len(store) == 1  # only "new": the expired ones were dropped on the way

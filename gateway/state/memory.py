@@ -1,4 +1,4 @@
-"""In-process state: idempotency records in a bounded TTL cache, token buckets in a dict.
+"""In-process state: idempotency records with their own expiry, token buckets in a TTL cache.
 
 Correct for one process only: several processes would each keep their own records, which is why
 ``serve --workers N`` with N > 1 refuses this backend.
@@ -7,10 +7,11 @@ Correct for one process only: several processes would each keep their own record
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cachetools import TLRUCache, TTLCache
+from cachetools import TTLCache
 
 from gateway.state import Claim, ClaimStatus, StoredReply
 
@@ -40,14 +41,20 @@ class MemoryStore:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._clock = clock
+        self._max_entries = max_entries
         # Each record expires at its own time (a lease, or the TTL in force when it completed),
-        # so a reload that changes ttl_hours applies to every record from then on.
-        self._records: TLRUCache[str, _Record] = TLRUCache(
-            maxsize=max_entries, ttu=lambda _key, record, _now: record.expires_at, timer=clock
-        )
+        # so a reload that changes ttl_hours applies to every record from then on. Records are
+        # dropped oldest first: when expired, or when there are more than max_entries. (A heap
+        # ordered by expiry, as in cachetools' TLRUCache, costs several times more per order.)
+        self._records: dict[str, _Record] = {}
+        self._order: deque[tuple[str, _Record]] = deque()
         self._buckets: TTLCache[str, _Bucket] = TTLCache(
             maxsize=DEFAULT_MAX_BUCKETS, ttl=3600, timer=clock
         )
+
+    def __len__(self) -> int:
+        """Records held now (expired ones included until they are dropped)."""
+        return len(self._records)
 
     async def claim(self, key: str, fingerprint: str, lease_s: float) -> Claim:
         now = self._clock()
@@ -55,7 +62,7 @@ class MemoryStore:
         if record is not None and record.expires_at <= now:
             record = None
         if record is None:
-            self._records[key] = _Record(fingerprint, None, now + lease_s)
+            self._put(key, _Record(fingerprint, None, now + lease_s), now)
             return Claim(ClaimStatus.NEW)
         if record.fingerprint != fingerprint:
             return Claim(ClaimStatus.CONFLICT)
@@ -64,7 +71,17 @@ class MemoryStore:
         return Claim(ClaimStatus.REPLAY, record.reply)
 
     async def complete(self, key: str, fingerprint: str, reply: StoredReply, ttl_s: float) -> None:
-        self._records[key] = _Record(fingerprint, reply, self._clock() + ttl_s)
+        now = self._clock()
+        self._put(key, _Record(fingerprint, reply, now + ttl_s), now)
+
+    def _put(self, key: str, record: _Record, now: float) -> None:
+        self._records[key] = record
+        self._order.append((key, record))
+        order, records = self._order, self._records
+        while order and (order[0][1].expires_at <= now or len(records) > self._max_entries):
+            old_key, old = order.popleft()
+            if records.get(old_key) is old:  # not replaced since (a claim completed, say)
+                del records[old_key]
 
     async def release(self, key: str, fingerprint: str) -> None:
         record = self._records.get(key)
@@ -91,4 +108,5 @@ class MemoryStore:
 
     async def close(self) -> None:
         self._records.clear()
+        self._order.clear()
         self._buckets.clear()
