@@ -131,10 +131,20 @@ def apply_profile(body: Mapping[str, object], profile: Profile) -> dict[str, obj
         if value is None:
             flat.pop(target, None)
         else:
-            flat[target] = value
+            flat[target] = without_nulls(value)
     if problems:
         raise ValidationFailedError(details=problems)
     return flat
+
+
+def without_nulls(value: object) -> object:
+    """Null results are left out at every depth: ``lines[].{price: unit_price}`` on a line
+    without a price gives no ``price``, not ``"price": null``."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value
 
 
 def build_envelope(
