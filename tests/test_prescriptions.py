@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from aiohttp import FormData, web
+from aiohttp import ClientResponse, FormData, web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import Seams, create_app
@@ -116,6 +116,15 @@ def received(sandbox: TestServer) -> list[dict[str, Any]]:
     return [r["envelope"] for r in sandbox.app[SANDBOX_KEY].received]
 
 
+async def assert_refused(
+    response: ClientResponse, sandbox: TestServer, status: int, code: str
+) -> None:
+    """The partner got the contract's error, and nothing reached Manager."""
+    assert response.status == status
+    assert (await response.json())["error"] == code
+    assert received(sandbox) == []
+
+
 async def test_fetched_pdf_reaches_manager_as_base64_instead_of_the_url(
     aiohttp_client: ClientFactory, sandbox: TestServer, pdf_host: tuple[PdfHost, TestServer]
 ) -> None:
@@ -164,10 +173,8 @@ async def test_loopback_pdf_url_is_blocked_without_a_connection_when_not_allowed
         headers={"apikey": FETCH_KEY},
     )
 
-    assert response.status == 422
-    assert (await response.json())["error"] == "prescription_pdf_blocked"
+    await assert_refused(response, sandbox, 422, "prescription_pdf_blocked")
     assert host.hits == []
-    assert received(sandbox) == []
 
 
 @pytest.mark.parametrize(
@@ -195,9 +202,7 @@ async def test_unusable_pdf_url_is_refused_and_nothing_is_forwarded(
         headers={"apikey": FETCH_KEY},
     )  # fmt: skip
 
-    assert response.status == status
-    assert (await response.json())["error"] == code
-    assert received(sandbox) == []
+    await assert_refused(response, sandbox, status, code)
 
 
 async def test_invalid_order_never_triggers_a_download(
@@ -211,8 +216,7 @@ async def test_invalid_order_never_triggers_a_download(
         ORDER_PATH, json={"prescription_url": url}, headers={"apikey": FETCH_KEY}
     )
 
-    assert response.status == 422
-    assert (await response.json())["error"] == "validation_failed"
+    await assert_refused(response, sandbox, 422, "validation_failed")
     assert host.hits == []
 
 
@@ -273,9 +277,7 @@ async def test_bad_multipart_upload_is_refused(
         ORDER_PATH, data=multipart(order, pdf), headers={"apikey": FORWARD_KEY}
     )
 
-    assert response.status == status
-    assert (await response.json())["error"] == code
-    assert received(sandbox) == []
+    await assert_refused(response, sandbox, status, code)
 
 
 async def test_multipart_without_order_part_names_the_missing_part(
@@ -320,9 +322,7 @@ async def test_multipart_body_over_the_limit_is_cut_when_streamed(
         },
     )
 
-    assert response.status == 413
-    assert (await response.json())["error"] == "payload_too_large"
-    assert received(sandbox) == []
+    await assert_refused(response, sandbox, 413, "payload_too_large")
 
 
 async def test_inline_base64_pdf_is_checked_before_forwarding(
