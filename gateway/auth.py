@@ -41,10 +41,6 @@ class Caller:
     shop: ShopRef
     org_key: str | None = None  # set only for org-key callers: used upstream as it is
 
-    @property
-    def is_partner(self) -> bool:
-        return self.org_key is None
-
 
 def hash_key(key: str) -> str:
     """The ``key_sha256`` stored in the configuration for a key."""

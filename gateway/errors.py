@@ -20,12 +20,9 @@ Messages are one sentence and never carry a key, token, customer data or PDF byt
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar, Final
+from typing import ClassVar
 
 Detail = Mapping[str, object]
-
-DEFAULT_MESSAGE: Final = "The request failed."
-
 
 class GatewayError(Exception):
     """Root of everything the gateway reports; unexpected bugs are rendered as this class."""

@@ -13,7 +13,6 @@ from email.utils import parsedate_to_datetime
 from typing import Final
 
 RETRYABLE_STATUSES: Final = frozenset({429, 502, 503, 504})
-REJECTED_STATUSES: Final = frozenset({400, 404, 409, 422})
 AUTH_STATUSES: Final = frozenset({401, 403})
 DEFAULT_BASE_DELAY_S: Final = 0.2
 DEFAULT_MAX_DELAY_S: Final = 2.0

@@ -105,7 +105,7 @@ def test_partner_key_of_a_shop_without_hosts_is_accepted_on_any_host(host: str |
     caller = make_registry().resolve("open-key", host)
 
     assert caller == Caller(name="open", shop=ANYWHERE)
-    assert caller.is_partner and caller.org_key is None
+    assert caller.org_key is None
 
 
 @pytest.mark.parametrize(
@@ -123,7 +123,7 @@ def test_partner_key_is_accepted_on_its_shops_hosts(host: str) -> None:
 
     assert caller.name == "drx"
     assert caller.shop is BERLIN
-    assert caller.is_partner
+    assert caller.org_key is None
 
 
 @pytest.mark.parametrize(
@@ -152,7 +152,7 @@ def test_unknown_key_on_an_org_key_shops_host_is_the_orgs_key(host: str) -> None
     caller = make_registry().resolve("org2-integration-key", host)
 
     assert caller == Caller(name="munich", shop=MUNICH, org_key="org2-integration-key")
-    assert not caller.is_partner
+    assert caller.org_key is not None
 
 
 @pytest.mark.parametrize("host", ["shop1.example.org", "other.example", None, ""])
