@@ -24,6 +24,7 @@ from typing import ClassVar
 
 Detail = Mapping[str, object]
 
+
 class GatewayError(Exception):
     """Root of everything the gateway reports; unexpected bugs are rendered as this class."""
 
