@@ -117,7 +117,7 @@ def _services(gateway: Gateway, seams: Seams) -> Callable[[web.Application], Asy
         )
         await gateway.pdf_fetcher.start()
         gateway.started = True
-        log_event(20, "gateway_started", config=gateway.config_digest)
+        log_event(20, "services_started", config=gateway.config_digest)
         try:
             yield
         finally:

@@ -22,6 +22,7 @@ from gateway.runtime import Runtime, build_runtime
 EXIT_OK: Final = 0
 EXIT_INVALID: Final = 1
 EXIT_CONFIG: Final = 2
+EXIT_FAILED: Final = 1
 DEFAULT_SANDBOX_PORT: Final = 8090
 
 
@@ -112,7 +113,11 @@ def _serve(args: argparse.Namespace) -> int:
         reuse_port=args.reuse_port,
         metrics_dir=args.metrics_dir,
     )
-    _run(serve(config, resolve_config_path(args.config), listen))
+    try:
+        _run(serve(config, resolve_config_path(args.config), listen))
+    except OSError as exc:  # the port is taken, or the address is not this host's
+        print(f"gateway: cannot listen on {listen.host}: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 

@@ -70,14 +70,20 @@ async def serve(config: Config, path: Path, listen: Listen) -> None:
         access_log=None,  # the middleware writes one structured line per request instead
         shutdown_timeout=config.server.shutdown_timeout_s,
     )
-    await runner.setup()
-    await web.TCPSite(runner, listen.host, listen.port, reuse_port=listen.reuse_port).start()
     admin: web.AppRunner | None = None
-    if listen.admin_port:
-        admin = web.AppRunner(create_admin_app(gateway), access_log=None, shutdown_timeout=1)
-        await admin.setup()
-        site = web.TCPSite(admin, listen.host, listen.admin_port, reuse_port=listen.reuse_port)
-        await site.start()
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, listen.host, listen.port, reuse_port=listen.reuse_port).start()
+        if listen.admin_port:
+            admin = web.AppRunner(create_admin_app(gateway), access_log=None, shutdown_timeout=1)
+            await admin.setup()
+            site = web.TCPSite(admin, listen.host, listen.admin_port, reuse_port=listen.reuse_port)
+            await site.start()
+    except OSError:  # a port is taken: close what was opened, the CLI says which
+        await runner.cleanup()
+        if admin is not None:
+            await admin.cleanup()
+        raise
     # Start-up objects (modules, configuration, sessions) live as long as the process: keep them
     # out of every later collection, and collect the young generation less often (a request
     # allocates a few hundred short-lived containers; most die with it, by reference counting).

@@ -300,6 +300,23 @@ def test_serve_with_a_missing_environment_variable_exits_2_naming_it(tmp_path: P
     assert done.stdout == ""
 
 
+def test_serve_on_a_port_in_use_exits_1_with_one_line(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = write_config(tmp_path, server={"host": "127.0.0.1", "port": port})
+
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(path)],
+            cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True, timeout=20,
+        )  # fmt: skip
+
+    assert done.returncode == 1
+    assert "cannot listen on 127.0.0.1" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
