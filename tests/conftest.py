@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import ipaddress
 import json
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +44,40 @@ Client = TestClient[web.Request, web.Application]
 TomlValue = str | int | float | bool | Sequence[str]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def is_loopback_host(host: object) -> bool:
+    if isinstance(host, bytes):
+        host = host.decode("ascii", "replace")
+    if not isinstance(host, str) or host == "localhost":
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The network rule, enforced: no test resolves a name that is not loopback.
+
+    A refused look-up is recorded and fails the test at teardown, because the code under test
+    may turn the error into an ordinary answer (prescription_pdf_unreachable, say).
+    """
+    real = socket.getaddrinfo
+    refused: list[object] = []
+
+    def guarded(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host is None or is_loopback_host(host):
+            return real(host, *args, **kwargs)
+        refused.append(host)
+        raise OSError(f"test network rule: {host!r} is not a loopback address")
+
+    monkeypatch.setattr(socket, "getaddrinfo", guarded)
+    yield
+    assert not refused, f"a test tried to resolve non-loopback hosts: {refused}"
+
+
 SAMPLES = REPO_ROOT / "samples"
 ORDER_PATH = "/api/v1/external-order"
 START = 1_700_000_000.0
