@@ -169,7 +169,7 @@ class ManagerClient:
         refreshed = False
         while True:
             try:
-                reply = await self._attempt(target, body, deadline)
+                reply = await self._attempt(target, body)
             except _Transient as exc:
                 failure = exc
             except _TokenRefused as exc:
@@ -201,10 +201,8 @@ class ManagerClient:
             )  # fmt: skip
             await self._sleep(delay)
 
-    async def _attempt(
-        self, target: UpstreamTarget, body: UpstreamBody, deadline: float
-    ) -> UpstreamReply:
-        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
+    async def _attempt(self, target: UpstreamTarget, body: UpstreamBody) -> UpstreamReply:
+        headers = {"Content-Type": "application/json"}  # User-Agent: the session's default
         token: Token | None = None
         if target.api == "v2":
             token = await self.tokens.get(target.org_id, target.key)
@@ -268,7 +266,7 @@ class ManagerClient:
 
     async def _fetch_token(self, org_id: str, key: str) -> Token:
         url = f"{self._config.base_url}/api/v2/public/orgs/{org_id}/auth/token"
-        headers = {"apikey": key, "User-Agent": USER_AGENT}
+        headers = {"apikey": key}
         deadline = self._clock() + self._config.timeout_s
         try:
             reply = await self._post(url, headers, None, deadline)
