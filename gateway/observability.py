@@ -148,8 +148,10 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
             super().emit(record)
             return
         try:
-            os.write(self._fd, (self.format(record) + "\n").encode("utf-8"))
-        except Exception:
+            data = memoryview((self.format(record) + "\n").encode("utf-8"))
+            while data:  # a pipe may take a long line in parts
+                data = data[os.write(self._fd, data) :]
+        except Exception:  # a log write must never fail a request
             self.handleError(record)
 
 

@@ -9,6 +9,7 @@ import logging
 import re
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
@@ -394,3 +395,16 @@ def test_set_config_keeps_only_the_active_digest() -> None:
 
     info = {k: v for k, v in samples(metrics).items() if k[0] == "gateway_config_info"}
     assert info == {("gateway_config_info", (("digest", "b" * 16),)): 1}
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_real_file_gets_one_whole_json_line_per_event(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.log"
+    with path.open("a", encoding="utf-8") as stream:
+        setup_logging("info", "json", stream=stream)
+        log_event(logging.INFO, "request", status=200, note="x" * 70_000)  # note: not a field
+        log_event(logging.INFO, "request", status=201, partner="p" * 70_000)
+
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["status"] for line in lines] == [200, 201]
+    assert len(json.loads(lines[1])["partner"]) == 70_000  # a long line arrives whole
