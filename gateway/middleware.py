@@ -55,6 +55,7 @@ def error_response(error: GatewayError, request_id: str) -> web.Response:
     return web.json_response(body, status=error.http_status, headers=error.headers)
 
 
+_KEPT_HEADERS: Final = ("Allow",)
 _HTTP_ERRORS: Final[dict[int, type[PartnerError]]] = {
     404: NotFoundError,
     405: MethodNotAllowedError,
@@ -65,12 +66,12 @@ _HTTP_ERRORS: Final[dict[int, type[PartnerError]]] = {
 
 def to_gateway_error(exc: web.HTTPException) -> GatewayError:
     """aiohttp's own HTTP errors (routing, body size) as the contract's errors."""
-    if isinstance(exc, web.HTTPMethodNotAllowed):
-        return MethodNotAllowedError(headers={"Allow": ", ".join(sorted(exc.allowed_methods))})
+    # aiohttp's headers that tell the client what to do (Allow on a 405) are kept.
+    headers = {name: exc.headers[name] for name in _KEPT_HEADERS if name in exc.headers}
     cls = _HTTP_ERRORS.get(exc.status)
     if cls is not None:
-        return cls()
-    return PartnerError(exc.reason, status=exc.status)
+        return cls(headers=headers)
+    return PartnerError(exc.reason, status=exc.status, headers=headers)
 
 
 def create_middleware(metrics: Metrics | None) -> Callable[..., Awaitable[web.StreamResponse]]:

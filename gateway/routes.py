@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Final
 
 from aiohttp import web
@@ -14,6 +13,7 @@ from gateway.intake import read_intake
 from gateway.manager import OrgKeyRefusedError
 from gateway.observability import bind_log_context
 from gateway.orders import deliver_order, prepare_order
+from gateway.retry import to_retry_after_header
 
 ORDER_PATH: Final = "/api/v1/external-order"
 KEY_HEADERS: Final = ("apikey", "X-API-Key")
@@ -41,7 +41,7 @@ async def external_order(request: web.Request) -> web.Response:
     if route.rate_per_min is not None:
         wait_s = await gateway.state.take(f"rate:{caller.name}", route.rate_per_min)
         if wait_s > 0:
-            raise RateLimitedError(math.ceil(wait_s))
+            raise RateLimitedError(to_retry_after_header(wait_s))
     intake = await read_intake(request, runtime.config.server.max_body_bytes)
     order = prepare_order(
         intake.body,
