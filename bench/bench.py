@@ -57,7 +57,7 @@ PDF_ORG: Final = "bench-pdf-org"
 RECEIVED_LOG: Final = "pdf-orders.log"
 PDF_SIZE: Final = 10 * 1024 * 1024
 MIB: Final = 1024 * 1024
-TARGETS: Final = ("direct", "nginx", "naive", "tuned", "gateway")
+OUTBOX_KEY_ENV: Final = "BENCH_OUTBOX_KEY"
 READY_TIMEOUT_S: Final = 20.0
 STOP_TIMEOUT_S: Final = 10.0
 ORDER_REPLY: Final = {
@@ -67,12 +67,13 @@ ORDER_REPLY: Final = {
     "created_at": "2026-01-01T00:00:00Z",
     "message": "order request received",
 }
-# The issue's targets, checked (not enforced: only errors and the token count fail the run).
+# Issue 13's targets, checked (not enforced: only errors and the token count fail the run).
 GOALS: Final = {
-    "gateway_vs_tuned": 1.0,
-    "gateway_vs_naive": 1.6,
-    "added_p50_ms": 0.5,
-    "added_p99_ms": 2.0,
+    "gateway_vs_tuned": 0.7,
+    "gateway_vs_naive": 1.1,
+    "outbox_vs_gateway": 0.7,
+    "added_p50_ms": 0.45,
+    "added_p99_ms": 1.5,
     "idle_rss_mib": 60.0,
     "ready_s": 1.0,
     "pdf_peak_x": 4.0,
@@ -152,12 +153,15 @@ class RssSampler:
     def __init__(self, pids: Sequence[int]) -> None:
         self.pids = list(pids)
         self.max_kb = 0
+        self.first_kb = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while True:
-            self.max_kb = max(self.max_kb, rss_kb(self.pids))
+            now_kb = rss_kb(self.pids)
+            self.first_kb = self.first_kb or now_kb
+            self.max_kb = max(self.max_kb, now_kb)
             if self._stop.wait(0.1):
                 return
 
@@ -397,9 +401,16 @@ def proxy_conf(home: Path, port: int, upstream_port: int) -> str:
 
 
 def gateway_conf(
-    port: int, admin_port: int, upstream_port: int, *, pdf: bool, redis: bool = False
+    port: int,
+    admin_port: int,
+    upstream_port: int,
+    *,
+    pdf: bool,
+    redis: bool = False,
+    outbox: Path | None = None,
 ) -> str:
-    """A real configuration: v2 with a token, logs at info (JSON), metrics, idempotency on."""
+    """A real configuration: v2 with a token, logs at info (JSON), metrics, idempotency on;
+    with ``outbox``, the SQLite outbox in that file (its Fernet key in ``BENCH_OUTBOX_KEY``)."""
     from gateway.auth import hash_key
 
     text = f"""
@@ -435,6 +446,13 @@ format = "json"
 backend = "redis"
 redis_url_env = "REDIS_URL"
 share_tokens = true
+"""
+    if outbox is not None:
+        text += f"""
+[outbox]
+enabled = true
+path = "{outbox}"
+key_env = "{OUTBOX_KEY_ENV}"
 """
     if pdf:
         text += f"""
@@ -508,6 +526,8 @@ class Target:
     runs: list[WrkRun] = field(default_factory=list)
     idle_rss_kb: int = 0
     load_rss_kb: int = 0
+    rss_first_kb: int = 0  # VmRSS before the first measured load run, and after the last one
+    rss_last_kb: int = 0
     load_cpu_s: float = 0.0
     key: str = PARTNER_KEY  # the apikey header wrk sends (direct: the org key Manager expects)
 
@@ -537,17 +557,22 @@ class Bench:
         self.run_id = datetime.now(UTC).strftime("%H%M%S") + secrets.token_hex(2)
         self.wrk = find_tool("wrk")
         self.nginx = find_tool("nginx")
-        ports = free_ports(13)
+        ports = free_ports(15)
         self.up_port, self.ngx_port, self.naive_port, self.tuned_port = ports[:4]
         self.gw_port, self.gw_admin, self.pdf_port, self.pdf_admin = ports[4:8]
-        self.redis_port, self.gwr_port, self.gwr_admin, self.gw2_port, self.gw2_admin = ports[8:]
+        self.redis_port, self.gwr_port, self.gwr_admin, self.gw2_port, self.gw2_admin = ports[8:13]
+        self.gwo_port, self.gwo_admin = ports[13:]
+        from gateway.outbox.sealing import new_key
+
         self.env = {
             **os.environ,
             ORG_KEY_ENV: ORG_KEY,
+            OUTBOX_KEY_ENV: new_key(),
             "REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
         }
         self.targets: dict[str, Target] = {}
         self.gateway: dict[str, Any] = {}
+        self.outbox: dict[str, Any] = {}
         self.pdf: dict[str, Any] = {}
         self.body_bytes = 0
 
@@ -564,8 +589,8 @@ class Bench:
         cmd = [self.nginx, "-p", str(home), "-c", str(conf), "-e", str(home / "error.log")]
         return self.launch(Server(name, cmd, home / "stdout.log"))
 
-    def start_servers(self) -> None:
-        """One after the other, each waited for: the time to ready is the server's own."""
+    def start_upstream(self) -> Server:
+        """The fake Manager, checked."""
         www = self.tmp / "www"
         www.mkdir(mode=0o755)
         write_pdf(www / "rx.pdf")
@@ -573,6 +598,31 @@ class Bench:
         up = self.start_nginx("upstream", upstream_conf(self.tmp / "upstream", self.up_port, www))
         up.wait_ready(self.up_port, "/", need_200=False)
         self.check_upstream()
+        return up
+
+    def start_one(self, name: str) -> Target:
+        """The fake Manager and one Python target, ready (bench/profile.py samples it)."""
+        self.start_upstream()
+        if name in ("naive", "tuned"):
+            port = self.naive_port if name == "naive" else self.tuned_port
+            extra = ("--tuned",) if name == "tuned" else ("--access-log", str(self.tmp / "a.log"))
+            server = self.start_proxy(name, port, *extra)
+            server.wait_ready(port, "/", need_200=False)
+        else:
+            port, admin = self.gw_port, self.gw_admin
+            outbox = self.outbox_file() if name == "gateway+outbox" else None
+            server = self.start_gateway(name, port, admin, pdf=False, outbox=outbox)
+            server.wait_ready(admin, "/readyz", need_200=True)
+        return Target(name, port, ORDER_PATH, server)
+
+    def outbox_file(self) -> Path:
+        home = self.tmp / "outbox"
+        home.mkdir(mode=0o700, exist_ok=True)
+        return home / "outbox.db"
+
+    def start_servers(self) -> None:
+        """One after the other, each waited for: the time to ready is the server's own."""
+        up = self.start_upstream()
         ngx = self.start_nginx("nginx", proxy_conf(self.tmp / "nginx", self.ngx_port, self.up_port))
         ngx.wait_ready(self.ngx_port, "/", need_200=False)
         naive = self.start_proxy(
@@ -583,6 +633,10 @@ class Bench:
         tuned.wait_ready(self.tuned_port, "/", need_200=False)
         gw = self.start_gateway("gateway", self.gw_port, self.gw_admin, pdf=False)
         gw.wait_ready(self.gw_admin, "/readyz", need_200=True)
+        gwo = self.start_gateway(
+            "gateway+outbox", self.gwo_port, self.gwo_admin, pdf=False, outbox=self.outbox_file()
+        )
+        gwo.wait_ready(self.gwo_admin, "/readyz", need_200=True)
         self.start_redis()
         gwr = self.start_gateway("gw-redis", self.gwr_port, self.gwr_admin, pdf=False, redis=True)
         gwr.wait_ready(self.gwr_admin, "/readyz", need_200=True)
@@ -598,6 +652,7 @@ class Bench:
             "naive": Target("naive", self.naive_port, ORDER_PATH, naive),
             "tuned": Target("tuned", self.tuned_port, ORDER_PATH, tuned),
             "gateway": Target("gateway", self.gw_port, ORDER_PATH, gw),
+            "gateway+outbox": Target("gateway+outbox", self.gwo_port, ORDER_PATH, gwo),
             "gw-redis": Target("gw-redis", self.gwr_port, ORDER_PATH, gwr),
             "gw-redis-w2": Target("gw-redis-w2", self.gw2_port, ORDER_PATH, gw2),
         }
@@ -631,10 +686,20 @@ class Bench:
         return self.launch(Server(name, cmd, self.tmp / f"{name}.log"))
 
     def start_gateway(
-        self, name: str, port: int, admin: int, *, pdf: bool, redis: bool = False, workers: int = 1
+        self,
+        name: str,
+        port: int,
+        admin: int,
+        *,
+        pdf: bool,
+        redis: bool = False,
+        workers: int = 1,
+        outbox: Path | None = None,
     ) -> Server:
         conf = self.tmp / f"{name}.toml"
-        conf.write_text(gateway_conf(port, admin, self.up_port, pdf=pdf, redis=redis))
+        conf.write_text(
+            gateway_conf(port, admin, self.up_port, pdf=pdf, redis=redis, outbox=outbox)
+        )
         cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(conf)]
         if workers > 1:
             cmd += ["--workers", str(workers)]
@@ -678,6 +743,8 @@ class Bench:
         with RssSampler(pids if sample else []) as sampler:
             run = run_wrk(self.wrk, target, connections, duration, round_no, self.run_id)
         if sample:
+            target.rss_first_kb = target.rss_first_kb or sampler.first_kb
+            target.rss_last_kb = rss_kb(pids)
             target.load_cpu_s += cpu_seconds(pids) - before
             target.load_rss_kb = max(target.load_rss_kb, sampler.max_kb)
         target.runs.append(run)
@@ -691,18 +758,30 @@ class Bench:
         )
 
     def read_gateway(self) -> None:
-        """The gateway's own view: token fetches and answers from /metrics, its log's levels."""
-        status, body = http_request(self.gw_admin, "GET", "/metrics")
+        """The gateways' own view: token fetches and answers from /metrics, their logs' levels."""
+        self.gateway = self.read_metrics("gateway", self.gw_admin)
+        self.outbox = self.read_metrics("gateway+outbox", self.gwo_admin)
+        self.outbox["deliveries"] = metric_by_label(
+            self.outbox.pop("text"), "gateway_outbox_deliveries_total", "result"
+        )
+        self.outbox["file_bytes"] = sum(
+            f.stat().st_size for f in self.outbox_file().parent.iterdir() if f.is_file()
+        )
+        del self.gateway["text"]
+
+    def read_metrics(self, name: str, admin: int) -> dict[str, Any]:
+        status, body = http_request(admin, "GET", "/metrics")
         text = body.decode()
         if status != 200:
-            raise BenchError(f"gateway /metrics answered {status}")
-        self.gateway = {
+            raise BenchError(f"{name} /metrics answered {status}")
+        return {
             "token_fetches_ok": metric_sum(text, "gateway_token_fetches_total", 'result="ok"'),
             "token_fetches_all": metric_sum(text, "gateway_token_fetches_total", ""),
             "answers": metric_by_label(text, "gateway_requests_total", "code"),
             "upstream": metric_by_label(text, "gateway_upstream_requests_total", "status"),
-            "rss_after_load_kb": rss_kb(self.targets["gateway"].server.pids),
-            "log": summarise_log(self.targets["gateway"].server.log),
+            "rss_after_load_kb": rss_kb(self.targets[name].server.pids),
+            "log": summarise_log(self.targets[name].server.log),
+            "text": text,
         }
 
     def measure_pdf(self) -> None:
@@ -761,7 +840,9 @@ class Bench:
         print("load (interleaved) …", flush=True)
         self.load()
         self.read_gateway()
-        for name in ("nginx", "naive", "tuned", "gateway", "gw-redis", "gw-redis-w2"):
+        for name in ("nginx", "naive", "tuned", "gateway", "gateway+outbox"):
+            self.targets[name].server.stop()
+        for name in ("gw-redis", "gw-redis-w2"):
             self.targets[name].server.stop()
         print("10 MiB PDF through a fresh gateway …", flush=True)
         self.measure_pdf()
@@ -837,22 +918,28 @@ def summarise(bench: Bench) -> dict[str, Any]:
             "idle_rss_mib": t.idle_rss_kb / 1024,
             "load_rss_mib": t.load_rss_kb / 1024,
             "cpu_us_per_req": t.load_cpu_s * 1e6 / requests if requests else 0.0,
+            "load_requests": requests,
+            "rss_first_mib": t.rss_first_kb / 1024,
+            "rss_last_mib": t.rss_last_kb / 1024,
             "ready_s": t.server.ready_s,
         }
     return out
 
 
-def failures(summary: dict[str, Any], gateway: dict[str, Any], pdf: dict[str, Any]) -> list[str]:
+def failures(
+    summary: dict[str, Any], gateways: dict[str, dict[str, Any]], pdf: dict[str, Any]
+) -> list[str]:
     why = [
         f"{name}: {row['errors']} errors (must be 0)"
         for name, row in summary.items()
         if row["errors"]
     ]
-    if gateway.get("token_fetches_ok") != 1 or gateway.get("token_fetches_all") != 1:
-        why.append(
-            f"gateway: {gateway.get('token_fetches_all'):g} token requests "
-            f"({gateway.get('token_fetches_ok'):g} ok) during the run (must be exactly 1)"
-        )
+    for name, gateway in gateways.items():
+        if gateway.get("token_fetches_ok") != 1 or gateway.get("token_fetches_all") != 1:
+            why.append(
+                f"{name}: {gateway.get('token_fetches_all'):g} token requests "
+                f"({gateway.get('token_fetches_ok'):g} ok) during the run (must be exactly 1)"
+            )
     if pdf.get("status") != 200:
         why.append(f"gateway-pdf: the 10 MiB PDF order got {pdf.get('status')}: {pdf.get('reply')}")
     elif (pdf.get("upstream_received_bytes") or 0) < pdf.get("base64_bytes", 0):
@@ -922,9 +1009,10 @@ def render(report: dict[str, Any]) -> str:
 
 
 def render_goals(report: dict[str, Any]) -> list[str]:
-    s, g, p = report["targets"], report["gateway"], report["pdf"]
-    gw = s["gateway"]
+    s, g, p, o = report["targets"], report["gateway"], report["pdf"], report["outbox"]
+    gw, gwo = s["gateway"], s["gateway+outbox"]
     vs_tuned, vs_naive = report["ratios"]["gateway_vs_tuned"], report["ratios"]["gateway_vs_naive"]
+    vs_gateway = report["ratios"]["outbox_vs_gateway"]
     peak_x = p.get("peak_over_idle_x", float("nan"))
     received = p.get("upstream_received_bytes") or 0
     rows = [
@@ -932,6 +1020,8 @@ def render_goals(report: dict[str, Any]) -> list[str]:
          vs_tuned >= GOALS["gateway_vs_tuned"]),
         ("req/s vs naive proxy", f"≥ {GOALS['gateway_vs_naive']:.1f}×", f"{vs_naive:.2f}×",
          vs_naive >= GOALS["gateway_vs_naive"]),
+        ("gateway+outbox req/s vs gateway", f"≥ {GOALS['outbox_vs_gateway']:.1f}×",
+         f"{vs_gateway:.2f}×", vs_gateway >= GOALS["outbox_vs_gateway"]),
         ("added p50 @1 connection", f"≤ {GOALS['added_p50_ms']} ms",
          f"{gw['added_p50_ms']:.2f} ms", gw["added_p50_ms"] <= GOALS["added_p50_ms"]),
         ("added p99 @1 connection", f"≤ {GOALS['added_p99_ms']} ms",
@@ -939,6 +1029,8 @@ def render_goals(report: dict[str, Any]) -> list[str]:
         ("idle RSS", f"≤ {GOALS['idle_rss_mib']:.0f} MiB", f"{gw['idle_rss_mib']:.1f} MiB",
          gw["idle_rss_mib"] <= GOALS["idle_rss_mib"]),
         ("RSS under load", "", f"{gw['load_rss_mib']:.1f} MiB", True),
+        ("RSS first → last load run", "", _growth(gw), True),
+        ("gateway+outbox: RSS first → last load run", "", _growth(gwo), True),
         ("start to /readyz 200", f"≤ {GOALS['ready_s']:.0f} s", f"{gw['ready_s']:.3f} s",
          gw["ready_s"] <= GOALS["ready_s"]),
         ("10 MiB PDF: peak RSS over idle", f"≤ {GOALS['pdf_peak_x']:.0f}× the PDF",
@@ -948,18 +1040,28 @@ def render_goals(report: dict[str, Any]) -> list[str]:
         ("errors", "0", str(gw["errors"]), gw["errors"] == 0),
         ("token requests during the run", "1", f"{g['token_fetches_all']:g}",
          g["token_fetches_all"] == 1),
+        ("gateway+outbox: token requests", "1", f"{o['token_fetches_all']:g}",
+         o["token_fetches_all"] == 1),
     ]  # fmt: skip
     out = ["| gateway | target | measured | met |", "|---|---|---|---|"]
     out += [f"| {a} | {b} | {c} | {_check(ok) if b else ''} |" for a, b, c, ok in rows]
     answers = ", ".join(f"{k}: {v:g}" for k, v in sorted(g["answers"].items()))
     log = g["log"]
     warnings = ", ".join(f"{k} ×{v}" for k, v in log["warning_events"].items()) or "none"
+    deliveries = ", ".join(f"{k}: {v:g}" for k, v in sorted(o["deliveries"].items()))
     out += [
         "",
         f"Gateway answers (from /metrics): {answers}. Log lines by level: "
         f"{json.dumps(log['lines_by_level'])}; above info: {warnings}.",
+        f"gateway+outbox: inline deliveries {deliveries or 'none'}; outbox files "
+        f"{o['file_bytes'] / MIB:.1f} MiB after the run.",
     ]
     return out
+
+
+def _growth(row: dict[str, Any]) -> str:
+    orders = row["load_requests"]
+    return f"{row['rss_first_mib']:.1f} → {row['rss_last_mib']:.1f} MiB over {orders:,} orders"
 
 
 # --------------------------------------------------------------------------- main
@@ -1016,14 +1118,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "body_bytes": bench.body_bytes,
         "targets": summary,
         "gateway": bench.gateway,
+        "outbox": bench.outbox,
         "pdf": bench.pdf,
         "runs": [asdict(r) | {"rps": r.rps} for t in bench.targets.values() for r in t.runs],
     }
     report["ratios"] = {
         "gateway_vs_tuned": summary["gateway"]["rps"] / summary["tuned"]["rps"],
         "gateway_vs_naive": summary["gateway"]["rps"] / summary["naive"]["rps"],
+        "outbox_vs_gateway": summary["gateway+outbox"]["rps"] / summary["gateway"]["rps"],
     }
-    report["failures"] = failures(summary, bench.gateway, bench.pdf)
+    gateways = {"gateway": bench.gateway, "gateway+outbox": bench.outbox}
+    report["failures"] = failures(summary, gateways, bench.pdf)
     report["wall_s"] = time.monotonic() - started
     markdown = render(report)
     RESULTS.mkdir(exist_ok=True)
