@@ -7,13 +7,14 @@ numeric id must reach Manager digit for digit, so such bodies take the standard 
 from __future__ import annotations
 
 import json
-import re
 from typing import Final
 
 import orjson
 
-# A run of 19+ digits may be an integer beyond 64 bits (or a float's long mantissa).
-_LONG_NUMBER: Final = re.compile(rb"\d{19,}")
+# A run of 19+ digits may be an integer beyond 64 bits (or a float's long mantissa). Looked for
+# as "0" * 19 in the body with every digit mapped to 0: a regex scan costs more than orjson's parse.
+_DIGITS_TO_ZERO: Final = bytes.maketrans(b"123456789", b"000000000")
+_LONG_RUN: Final = b"0" * 19
 
 
 def parse_json(raw: bytes) -> object:
@@ -22,7 +23,7 @@ def parse_json(raw: bytes) -> object:
     Raises:
         ValueError: not JSON (including NaN / Infinity, which JSON does not have).
     """
-    if _LONG_NUMBER.search(raw) is None:
+    if _LONG_RUN not in raw.translate(_DIGITS_TO_ZERO):
         return orjson.loads(raw)  # orjson.JSONDecodeError is a ValueError
     return json.loads(raw, parse_constant=_refuse_constant)
 
