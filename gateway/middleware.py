@@ -26,9 +26,11 @@ from gateway.errors import (
 from gateway.observability import (
     Metrics,
     bind_log_context,
+    close_log_context,
     current_log_fields,
-    log_context,
     log_event,
+    log_request,
+    open_log_context,
 )
 
 REQUEST_ID_HEADER: Final = "X-Request-ID"
@@ -77,15 +79,27 @@ def to_gateway_error(exc: web.HTTPException) -> GatewayError:
 def create_middleware(metrics: Metrics | None) -> Callable[..., Awaitable[web.StreamResponse]]:
     """The middleware for the partner app (with metrics) or the admin app (``metrics=None``)."""
 
+    # One coroutine per request around the handler (no context manager, no inner coroutine):
+    # this runs on every request.
     @web.middleware
     async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         request_id = build_request_id(request.headers.get(REQUEST_ID_HEADER))
         started = time.perf_counter()
-        with log_context(request_id=request_id):
+        context = open_log_context(request_id=request_id)
+        try:
             if metrics is not None:
                 metrics.in_flight.inc()
             try:
-                response = await _answer(request, handler, request_id)
+                response = await handler(request)
+            except GatewayError as exc:
+                response = render_error(exc, request_id)
+            except web.HTTPException as exc:
+                response = render_error(to_gateway_error(exc), request_id)
+            except asyncio.CancelledError:
+                raise  # the client went away; aiohttp finishes the task
+            except Exception:
+                log_event(40, "internal_error", exc_info=True)
+                response = render_error(GatewayError(), request_id)
             finally:
                 if metrics is not None:
                     metrics.in_flight.dec()
@@ -94,29 +108,17 @@ def create_middleware(metrics: Metrics | None) -> Callable[..., Awaitable[web.St
                 elapsed = time.perf_counter() - started
                 # The handler bound the partner (and upstream status) into the log context.
                 partner = str(current_log_fields().get("partner", "unknown"))
-                metrics.requests.labels(partner=partner, code=str(response.status)).inc()
-                metrics.request_duration.observe(elapsed)
-                log_event(
-                    20, "request", method=request.method, path=request.path,
-                    status=response.status, duration_ms=round(elapsed * 1000, 2),
-                )  # fmt: skip
+                metrics.count_request(partner, response.status, elapsed)
+                log_request(request.method, request.path, response.status, round(elapsed * 1000, 2))
+        finally:
+            close_log_context(context)
         return response
 
     return gateway_middleware
 
 
-async def _answer(request: web.Request, handler: Handler, request_id: str) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except GatewayError as exc:
-        error = exc
-    except web.HTTPException as exc:
-        error = to_gateway_error(exc)
-    except asyncio.CancelledError:
-        raise  # the client went away; aiohttp finishes the task
-    except Exception:
-        log_event(40, "internal_error", exc_info=True)
-        error = GatewayError()
+def render_error(error: GatewayError, request_id: str) -> web.Response:
+    """The contract's JSON error for a failed request (logged when it is the gateway's fault)."""
     bind_log_context(code=error.code)
     if error.http_status >= 500:
         log_event(40, "request_failed", code=error.code, status=error.http_status)

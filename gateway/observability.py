@@ -1,19 +1,26 @@
 """Logs and metrics: one JSON object per log line with a fixed set of fields, Prometheus metrics.
 
-Redaction is by construction: the formatter writes only the fields named in ``LOG_FIELDS``, so a
-key, token, customer's name, email, address or PDF cannot reach the log by accident. Request-scoped
-fields (request id, partner, shop) come from a context variable set once per request.
+Redaction is by construction: only the fields named in ``LOG_FIELDS`` are written, so a key, token,
+customer's name, email, address or PDF cannot reach the log by accident. Request-scoped fields
+(request id, partner, shop) come from a context variable set once per request.
+
+A line goes straight to the gateway's own handler when ``setup_logging`` installed it and nothing
+else listens (the serving case): same fields, same JSON, without building a ``LogRecord`` and
+passing it through ``logging``'s handler chain on every request. Otherwise (tests' handlers, an
+exception with its stack) the line takes the ordinary ``logging`` path.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
+import time
 import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from datetime import UTC, datetime
 from typing import Final, TextIO
 
@@ -63,19 +70,54 @@ log = logging.getLogger(LOGGER_NAME)
 
 
 def log_event(level: int, event: str, /, *, exc_info: bool = False, **fields: object) -> None:
-    """Log ``event`` with whitelisted ``fields`` (others are dropped by the formatter)."""
+    """Log ``event`` with whitelisted ``fields`` (others are dropped)."""
     if log.isEnabledFor(level):
-        log.log(level, event, exc_info=exc_info, extra={"fields": fields})
+        if exc_info or not _write_direct(level, event, collect_fields(_CONTEXT.get(), fields)):
+            log.log(level, event, exc_info=exc_info, extra={"fields": fields})
+
+
+def log_request(method: str, path: str, status: int, duration_ms: float) -> None:
+    """The request log line (``event`` "request", info): the one place where a request's fields
+    are assembled (the context's, then these) and written."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    fields = collect_fields(
+        _CONTEXT.get(),
+        {"method": method, "path": path, "status": status, "duration_ms": duration_ms},
+    )
+    if not _write_direct(logging.INFO, "request", fields):
+        log.log(logging.INFO, "request", extra={"fields": fields})
+
+
+def _write_direct(level: int, event: str, fields: Mapping[str, object]) -> bool:
+    """Write a line through the gateway's own handler, if it is the only one; False otherwise."""
+    handlers = log.handlers
+    if len(handlers) != 1 or log.propagate or log.filters:
+        return False
+    handler = handlers[0]
+    if type(handler) is not LineHandler or level < handler.level:
+        return False
+    return handler.write_fields(level, event, fields)
+
+
+def open_log_context(**fields: object) -> Token[dict[str, object] | None]:
+    """Start a request's log context (``close_log_context`` ends it): ``log_context`` without a
+    generator, for the middleware that runs on every request."""
+    return _CONTEXT.set({**(_CONTEXT.get() or {}), **fields})
+
+
+def close_log_context(token: Token[dict[str, object] | None]) -> None:
+    _CONTEXT.reset(token)
 
 
 @contextmanager
 def log_context(**fields: object) -> Iterator[None]:
     """Fields added to every log line written inside the block (one request)."""
-    token = _CONTEXT.set({**(_CONTEXT.get() or {}), **fields})
+    token = open_log_context(**fields)
     try:
         yield
     finally:
-        _CONTEXT.reset(token)
+        close_log_context(token)
 
 
 def bind_log_context(**fields: object) -> None:
@@ -92,12 +134,20 @@ def current_log_fields() -> Mapping[str, object]:
     return _CONTEXT.get() or {}
 
 
-def _collect(record: logging.LogRecord) -> dict[str, object]:
-    fields: dict[str, object] = {}
-    for source in (_CONTEXT.get() or {}, getattr(record, "fields", None) or {}):
+def collect_fields(
+    context: Mapping[str, object] | None, fields: Mapping[str, object]
+) -> dict[str, object]:
+    """The whitelisted, non-null fields of a line: the context's, then the event's (which win)."""
+    collected: dict[str, object] = {}
+    for source in (context or {}, fields):
         for name in LOG_FIELDS:
             if name in source and source[name] is not None:
-                fields[name] = source[name]
+                collected[name] = source[name]
+    return collected
+
+
+def _collect(record: logging.LogRecord) -> dict[str, object]:
+    fields = collect_fields(_CONTEXT.get(), getattr(record, "fields", None) or {})
     if record.exc_info and record.exc_info[0] is not None:
         # Type and frames only: an exception's message may quote input (health data).
         fields["exc_type"] = record.exc_info[0].__name__
@@ -106,27 +156,70 @@ def _collect(record: logging.LogRecord) -> dict[str, object]:
     return fields
 
 
+def split_millis(created: float) -> tuple[int, int]:
+    """Whole seconds and milliseconds of a Unix time, rounded as ``datetime.fromtimestamp`` rounds
+    (microseconds half to even, carried into the second), so the text is the same."""
+    fraction, whole = math.modf(created)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    elif micros < 0:  # before 1970: modf's fraction is negative
+        whole, micros = whole - 1, micros + 1_000_000
+    return int(whole), micros // 1000
+
+
 class JsonFormatter(logging.Formatter):
     """``{"time", "level", "event", …whitelisted fields}`` on one line."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        # The last second formatted, and its text: the date is formatted once per second.
+        self._second: tuple[int, str] = (-1, "")
+
     def format(self, record: logging.LogRecord) -> str:
+        event = record.msg if isinstance(record.msg, str) else "log"
+        return self.format_fields(record.created, record.levelname, event, _collect(record))
+
+    def format_fields(
+        self, created: float, level_name: str, event: str, fields: Mapping[str, object]
+    ) -> str:
+        return self.encode_fields(created, level_name, event, fields).decode("utf-8")
+
+    def encode_fields(
+        self, created: float, level_name: str, event: str, fields: Mapping[str, object]
+    ) -> bytes:
+        """The line as UTF-8 JSON, without its newline."""
         line: dict[str, object] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "event": record.msg if isinstance(record.msg, str) else "log",
+            "time": self.format_time(created),
+            "level": level_name.lower(),
+            "event": event,
         }
-        line.update(_collect(record))
-        return dump_line(line).decode("utf-8")
+        line.update(fields)
+        return dump_line(line)
+
+    def format_time(self, created: float) -> str:
+        """``datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")``."""
+        whole, millis = split_millis(created)
+        second = self._second
+        if second[0] != whole:
+            text = datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self._second = second = (whole, text)
+        return f"{second[1]}.{millis:03d}+00:00"
 
 
 class TextFormatter(logging.Formatter):
     """``time level event key=value …`` for people reading a terminal."""
 
     def format(self, record: logging.LogRecord) -> str:
-        when = datetime.fromtimestamp(record.created, UTC).strftime("%H:%M:%S")
         event = record.msg if isinstance(record.msg, str) else "log"
-        pairs = " ".join(f"{k}={v}" for k, v in _collect(record).items())
-        return f"{when} {record.levelname.lower():7} {event} {pairs}".rstrip()
+        return self.format_fields(record.created, record.levelname, event, _collect(record))
+
+    def format_fields(
+        self, created: float, level_name: str, event: str, fields: Mapping[str, object]
+    ) -> str:
+        when = datetime.fromtimestamp(created, UTC).strftime("%H:%M:%S")
+        pairs = " ".join(f"{k}={v}" for k, v in fields.items())
+        return f"{when} {level_name.lower():7} {event} {pairs}".rstrip()
 
 
 class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -150,11 +243,43 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
             super().emit(record)
             return
         try:
-            data = memoryview((self.format(record) + "\n").encode("utf-8"))
-            while data:  # a pipe may take a long line in parts
-                data = data[os.write(self._fd, data) :]
+            self._write(self.format(record))
         except Exception:  # a log write must never fail a request
             self.handleError(record)
+
+    def write_fields(self, level: int, event: str, fields: Mapping[str, object]) -> bool:
+        """Write a line without a ``LogRecord``; False when this handler cannot (no file
+        descriptor, filters, another formatter, a failed write): the caller goes through
+        ``logging``, which reports a failure as it always does."""
+        formatter = self.formatter
+        if self._fd is None or self.filters or type(formatter) not in _OWN_FORMATTERS:
+            return False
+        assert isinstance(formatter, JsonFormatter | TextFormatter)
+        created, level_name = time.time(), logging.getLevelName(level)
+        if isinstance(formatter, JsonFormatter):
+            data = formatter.encode_fields(created, level_name, event, fields) + b"\n"
+        else:
+            data = (formatter.format_fields(created, level_name, event, fields) + "\n").encode()
+        self.acquire()
+        try:
+            self._write_bytes(data)
+        except Exception:
+            return False
+        finally:
+            self.release()
+        return True
+
+    def _write(self, line: str) -> None:
+        self._write_bytes((line + "\n").encode("utf-8"))
+
+    def _write_bytes(self, line: bytes) -> None:
+        assert self._fd is not None
+        data = memoryview(line)
+        while data:  # a pipe may take a long line in parts
+            data = data[os.write(self._fd, data) :]
+
+
+_OWN_FORMATTERS: Final = (JsonFormatter, TextFormatter)
 
 
 def setup_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
@@ -230,6 +355,28 @@ class Metrics:
             "gateway_outbox_deliveries", "Delivery attempts of stored orders by result.",
             ["result"], registry=r,
         )  # fmt: skip
+        # Children bound once per label value: labels() (a lock, a tuple, a dict) on every request
+        # costs more than the increment itself. Partners come from the configuration and codes
+        # are HTTP statuses, so these stay small.
+        self._requests_by: dict[tuple[str, int], Counter] = {}
+        self._upstream_by: dict[int, Counter] = {}
+
+    def count_request(self, partner: str, status: int, seconds: float) -> None:
+        """One answered partner request: by partner and code, and its duration."""
+        child = self._requests_by.get((partner, status))
+        if child is None:
+            child = self.requests.labels(partner=partner, code=str(status))
+            self._requests_by[(partner, status)] = child
+        child.inc()
+        self.request_duration.observe(seconds)
+
+    def count_upstream(self, status: int, seconds: float) -> None:
+        """One answer from Manager's order-requests: by status, and the call's duration."""
+        self.upstream_duration.observe(seconds)
+        child = self._upstream_by.get(status)
+        if child is None:
+            child = self._upstream_by[status] = self.upstream_requests.labels(status=str(status))
+        child.inc()
 
     def render(self) -> bytes:
         """The text exposition: this process's metrics, or all workers' when there are several."""
