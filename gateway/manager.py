@@ -154,6 +154,9 @@ class ManagerClient:
     async def send_order_request(self, target: UpstreamTarget, body: UpstreamBody) -> UpstreamReply:
         """POST the envelope to Manager, retrying transient failures within ``timeout_s``.
 
+        The first attempt runs here and a success returns at once: retries, backoff and the token
+        refresh are in ``_retry``, a layer the common case does not pass through.
+
         Raises:
             UpstreamRejectedError, UpstreamAuthFailedError, OrgKeyRefusedError,
             UpstreamUnavailableError, UpstreamTimeoutError.
@@ -162,24 +165,43 @@ class ManagerClient:
         try:
             # The one deadline: attempts, backoff and the wait for a token all run inside it.
             async with asyncio.timeout(self._config.timeout_s):
-                return await self._send_with_retries(target, body, deadline)
+                try:
+                    reply = await self._attempt(target, body)
+                except (_Transient, _TokenRefused) as exc:
+                    return await self._retry(target, body, deadline, exc)
+                if classify_status(reply.status) is Outcome.SUCCESS:
+                    return reply
+                return await self._retry(target, body, deadline, reply)
         except TimeoutError:
             self._metrics.upstream_requests.labels(status="timeout").inc()
             raise UpstreamTimeoutError() from None
 
-    async def _send_with_retries(
-        self, target: UpstreamTarget, body: UpstreamBody, deadline: float
+    async def _try(
+        self, target: UpstreamTarget, body: UpstreamBody
+    ) -> UpstreamReply | _Transient | _TokenRefused:
+        """One more attempt (a retry), its failure as a value."""
+        try:
+            return await self._attempt(target, body)
+        except (_Transient, _TokenRefused) as exc:
+            return exc
+
+    async def _retry(
+        self,
+        target: UpstreamTarget,
+        body: UpstreamBody,
+        deadline: float,
+        result: UpstreamReply | _Transient | _TokenRefused,
     ) -> UpstreamReply:
+        """Decide on an attempt's ``result``: return it, fail, or wait and try again."""
         attempt = 0
         refreshed = False
         while True:
-            try:
-                reply = await self._attempt(target, body)
-            except _Transient as exc:
-                failure = exc
-            except _TokenRefused as exc:
-                raise _auth_error(target, exc.reply) from None
+            if isinstance(result, _TokenRefused):
+                raise _auth_error(target, result.reply) from None
+            if isinstance(result, _Transient):
+                failure = result
             else:
+                reply = result
                 outcome = classify_status(reply.status)
                 if outcome is Outcome.SUCCESS:
                     return reply
@@ -188,6 +210,7 @@ class ManagerClient:
                         # The token may have been revoked or expired early: one new token, once.
                         refreshed = True
                         log_event(20, "upstream_token_refused", upstream_status=401)
+                        result = await self._try(target, body)
                         continue
                 if outcome is not Outcome.RETRY:
                     raise self._final_error(target, reply)
@@ -205,6 +228,7 @@ class ManagerClient:
                 reason=failure.reason, delay_ms=round(delay * 1000),
             )  # fmt: skip
             await self._sleep(delay)
+            result = await self._try(target, body)
 
     async def _attempt(self, target: UpstreamTarget, body: UpstreamBody) -> UpstreamReply:
         headers = {"Content-Type": "application/json"}  # User-Agent: the session's default
@@ -217,8 +241,7 @@ class ManagerClient:
         url = f"{self._config.base_url}/api/{target.api}/public/orgs/{target.org_id}/order-requests"
         started = time.perf_counter()
         reply = await self._post(url, headers, body)
-        self._metrics.upstream_duration.observe(time.perf_counter() - started)
-        self._metrics.upstream_requests.labels(status=str(reply.status)).inc()
+        self._metrics.count_upstream(reply.status, time.perf_counter() - started)
         bind_log_context(upstream_status=reply.status)
         if token is not None and reply.status == 401:
             await self.tokens.forget(target.org_id, target.key, token)
