@@ -7,9 +7,12 @@ restarting, and removing the old key once no order sealed with it is left.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from pydantic import SecretStr
+
+if TYPE_CHECKING:
+    from cryptography.fernet import MultiFernet
 
 
 class SealError(Exception):
@@ -20,7 +23,11 @@ class Sealer:
     def __init__(self, keys: Sequence[SecretStr]) -> None:
         if not keys:
             raise ValueError("the outbox needs at least one key")
-        self._fernet = MultiFernet([Fernet(key.get_secret_value()) for key in keys])
+        # Imported here: cryptography costs about 10 MiB of memory, paid only with an outbox.
+        from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+        self._fernet: MultiFernet = MultiFernet([Fernet(k.get_secret_value()) for k in keys])
+        self._invalid = InvalidToken
 
     def seal(self, data: bytes) -> bytes:
         return self._fernet.encrypt(data)
@@ -28,10 +35,12 @@ class Sealer:
     def open(self, sealed: bytes) -> bytes:
         try:
             return self._fernet.decrypt(sealed)
-        except InvalidToken:
+        except self._invalid:
             raise SealError("no configured outbox key opens this body") from None
 
 
 def new_key() -> str:
     """A fresh Fernet key (``gateway new-secret outbox``)."""
+    from cryptography.fernet import Fernet
+
     return Fernet.generate_key().decode("ascii")
