@@ -68,7 +68,10 @@ class KeyRegistry:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``partners`` holds ``(name, key_sha256, shop)``; ``org_key_shops`` accept org keys."""
-        self._partners = [(bytes.fromhex(digest), name, shop) for name, digest, shop in partners]
+        # Each partner's Caller is built once: the same frozen value serves every request.
+        self._partners = [
+            (bytes.fromhex(digest), Caller(name=name, shop=shop)) for name, digest, shop in partners
+        ]
         self._org_key_hosts = {host: shop for shop in org_key_shops for host in shop.hosts}
         self._refused: TTLCache[bytes, bool] = TTLCache(
             maxsize=REFUSAL_CACHE_SIZE, ttl=REFUSAL_TTL_S, timer=clock
@@ -85,17 +88,16 @@ class KeyRegistry:
         if not key:
             raise UnauthorizedError("An API key is required (header apikey or X-API-Key).")
         digest = hashlib.sha256(key.encode("utf-8")).digest()
-        found: tuple[str, ShopRef] | None = None
+        found: Caller | None = None
         # Every entry is compared, match or not, so timing says nothing about which key is near.
-        for stored, name, shop in self._partners:
+        for stored, caller in self._partners:
             if hmac.compare_digest(stored, digest) and found is None:
-                found = (name, shop)
+                found = caller
         served_host = host_name(host)
         if found is not None:
-            name, shop = found
-            if shop.hosts and served_host not in shop.hosts:
+            if found.shop.hosts and served_host not in found.shop.hosts:
                 raise WrongHostError()
-            return Caller(name=name, shop=shop)
+            return found
         org_shop = self._org_key_hosts.get(served_host)
         if org_shop is None or digest in self._refused:
             raise UnauthorizedError()

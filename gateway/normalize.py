@@ -186,8 +186,10 @@ def build_envelope(
 def build_payload(payload_in: Mapping[str, object], shop_id: str) -> dict[str, object]:
     """Apply the per-field rules: aliases, numeric strings, the shop injected."""
     problems: list[Mapping[str, object]] = []
-    payload: dict[str, object] = {"shop_id": shop_id}
-    payload.update((k, v) for k, v in payload_in.items() if k not in ("shop_id", "org_id"))
+    # The shop first, then the partner's fields in their order, without its shop_id or org_id.
+    payload: dict[str, object] = {"shop_id": shop_id, **payload_in}
+    payload["shop_id"] = shop_id
+    payload.pop("org_id", None)
     if "prescription_url" in payload:
         alias = payload.pop("prescription_url")
         if alias is not None and payload.get("prescription_pdf_url") not in (None, alias):
