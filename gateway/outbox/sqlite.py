@@ -19,6 +19,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -75,22 +76,27 @@ class OutboxFileError(Exception):
     """The outbox file cannot be used as it is (corrupted, foreign, or sealed with other keys)."""
 
 
+_Item = tuple[Operation, bool, asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
+
+
 class _Writer(threading.Thread):
-    """Owns the connection; runs queued operations in grouped transactions."""
+    """Owns the connection; runs queued operations in grouped transactions.
+
+    Per batch, not per operation: one transaction (one fsync), and one wake-up of the event loop
+    with every result. A read (``writes=False``) needs neither the write lock nor a savepoint.
+    """
 
     def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
         super().__init__(name="outbox-sqlite", daemon=True)
         self._connect = connect
-        self._queue: queue.SimpleQueue[
-            tuple[Operation, asyncio.AbstractEventLoop, asyncio.Future[Any]] | None
-        ] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self.opened: threading.Event = threading.Event()
         self.open_error: BaseException | None = None
 
-    def submit(self, operation: Operation) -> asyncio.Future[Any]:
+    def submit(self, operation: Operation, *, writes: bool = True) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.put((operation, loop, future))
+        self._queue.put((operation, writes, loop, future))
         return future
 
     def stop(self) -> None:
@@ -125,22 +131,34 @@ class _Writer(threading.Thread):
                 break
             batch.append(item)
         results: list[tuple[bool, Any]] = []
+        writes = any(item[1] for item in batch)
         try:
-            connection.execute("BEGIN IMMEDIATE")
-            for operation, _, _ in batch:
-                results.append(_run_one(connection, operation))
+            # Reads alone take a snapshot without the write lock (and there is nothing to sync).
+            connection.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
+            for operation, op_writes, _, _ in batch:
+                results.append(_run_one(connection, operation, op_writes))
             connection.execute("COMMIT")
         except sqlite3.Error as exc:
             # The commit (or BEGIN) failed: nothing of this batch is durable.
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
             results = [(False, exc)] * len(batch)
-        for (_, loop, future), (ok, value) in zip(batch, results, strict=True):
-            loop.call_soon_threadsafe(_resolve, future, ok, value)
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+        for (_, _, loop, future), (ok, value) in zip(batch, results, strict=True):
+            by_loop.setdefault(loop, []).append((future, ok, value))
+        for loop, settled in by_loop.items():
+            loop.call_soon_threadsafe(_resolve_all, settled)
         return True
 
 
-def _run_one(connection: sqlite3.Connection, operation: Operation) -> tuple[bool, Any]:
+def _run_one(
+    connection: sqlite3.Connection, operation: Operation, writes: bool
+) -> tuple[bool, Any]:
+    if not writes:  # a failed read changed nothing: no savepoint to roll back to
+        try:
+            return True, operation(connection)
+        except Exception as exc:
+            return False, exc
     connection.execute("SAVEPOINT op")
     try:
         value = operation(connection)
@@ -152,13 +170,14 @@ def _run_one(connection: sqlite3.Connection, operation: Operation) -> tuple[bool
     return True, value
 
 
-def _resolve(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
-    if future.cancelled():
-        return
-    if ok:
-        future.set_result(value)
-    else:
-        future.set_exception(value)
+def _resolve_all(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for future, ok, value in settled:
+        if future.cancelled():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
 
 
 class SqliteOutbox:
@@ -272,11 +291,11 @@ class SqliteOutbox:
     async def ping(self) -> bool:
         return self._writer is not None
 
-    async def _run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+    async def _run(self, operation: Callable[[sqlite3.Connection], T], *, writes: bool = True) -> T:
         if self._writer is None:
             raise StateUnavailableError("The order store is unavailable; nothing was forwarded.")
         try:
-            result: T = await self._writer.submit(operation)
+            result: T = await self._writer.submit(operation, writes=writes)
         except sqlite3.Error as exc:
             log_event(40, "outbox_write_failed", reason=_describe(exc))
             raise StateUnavailableError(
@@ -294,7 +313,7 @@ class SqliteOutbox:
             return Claim(ClaimStatus.IN_PROGRESS if same else ClaimStatus.CONFLICT)
         self._pending[key] = (fingerprint, now + lease_s)  # before the read: no second claimer
         try:
-            row = await self._run(lambda c: _read_record(c, key, now))
+            row = await self._run(lambda c: _read_record(c, key, now), writes=False)
         except BaseException:
             self._pending.pop(key, None)
             raise
@@ -375,6 +394,7 @@ class SqliteOutbox:
                 return entry  # dropped meanwhile, and this attempt changed nothing
             events = entry.events + ((settlement.event,) if settlement.event else ())
             status = settlement.status
+            next_at = settlement.next_attempt_at if status is OrderStatus.QUEUED else None
             connection.execute(
                 "UPDATE orders SET status = ?, attempts = attempts + ?, updated_at = ?, "
                 "next_at = ?, leased = 0, last_error = ?, "
@@ -383,14 +403,23 @@ class SqliteOutbox:
                 "body = CASE WHEN ? THEN NULL ELSE body END "
                 "WHERE partner = ? AND reference = ?",
                 (
-                    status.value, int(settlement.attempted), settlement.now,
-                    settlement.next_attempt_at if status is OrderStatus.QUEUED else None,
+                    status.value, int(settlement.attempted), settlement.now, next_at,
                     settlement.last_error, settlement.order_request_id,
                     settlement.manager_status, _dump_events(events), status in SETTLED,
                     partner, reference,
                 ),
             )  # fmt: skip
-            return _select_entry(connection, partner, reference)
+            # The row as the UPDATE left it, without reading it back.
+            return replace(
+                entry,
+                status=status,
+                attempts=entry.attempts + int(settlement.attempted),
+                updated_at=float(settlement.now),  # a REAL column
+                last_error=settlement.last_error,
+                order_request_id=_coalesce(settlement.order_request_id, entry.order_request_id),
+                manager_status=_coalesce(settlement.manager_status, entry.manager_status),
+                events=events,
+            )
 
         try:
             return await self._run(write)
@@ -399,7 +428,7 @@ class SqliteOutbox:
                 self._pending.pop(remember.key, None)
 
     async def get(self, partner: str, reference: str) -> LedgerEntry | None:
-        return await self._run(lambda c: _select_entry(c, partner, reference))
+        return await self._run(lambda c: _select_entry(c, partner, reference), writes=False)
 
     async def list_entries(
         self, status: OrderStatus | None = None, limit: int = 100
@@ -462,6 +491,10 @@ class SqliteOutbox:
             return orders
 
         return await self._run(write)
+
+
+def _coalesce(new: str | None, old: str | None) -> str | None:
+    return old if new is None else new
 
 
 def _applies(current: OrderStatus, new: OrderStatus) -> bool:
