@@ -377,7 +377,8 @@ class SqliteOutbox:
             status = settlement.status
             connection.execute(
                 "UPDATE orders SET status = ?, attempts = attempts + ?, updated_at = ?, "
-                "next_at = ?, leased = 0, last_error = ?, "
+                "next_at = ?, leased = 0, "
+                "last_error = coalesce(?, CASE WHEN ? THEN NULL ELSE last_error END), "
                 "order_request_id = coalesce(?, order_request_id), "
                 "manager_status = coalesce(?, manager_status), events = ?, "
                 "body = CASE WHEN ? THEN NULL ELSE body END "
@@ -385,7 +386,8 @@ class SqliteOutbox:
                 (
                     status.value, int(settlement.attempted), settlement.now,
                     settlement.next_attempt_at if status is OrderStatus.QUEUED else None,
-                    settlement.last_error, settlement.order_request_id,
+                    settlement.last_error, status is OrderStatus.DELIVERED,
+                    settlement.order_request_id,
                     settlement.manager_status, _dump_events(events), status in SETTLED,
                     partner, reference,
                 ),
