@@ -75,20 +75,29 @@ class SqliteWriter(threading.Thread):
                 results.append(_run_one(connection, operation))
             connection.execute("COMMIT")
         except sqlite3.Error as exc:
-            # The commit (or BEGIN) failed: nothing of this batch is durable.
+            # The commit failed, or SQLite itself rolled the transaction back (a full disk, an
+            # I/O error): nothing of this batch is durable, so every operation in it failed.
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
-            results = [(False, exc)] * len(batch)
+            error = exc.__cause__ if isinstance(exc, _TransactionLost) else exc
+            results = [(False, error)] * len(batch)
         for (_, loop, future), (ok, value) in zip(batch, results, strict=True):
             loop.call_soon_threadsafe(_resolve, future, ok, value)
         return True
+
+
+class _TransactionLost(sqlite3.Error):
+    """SQLite ended the whole transaction while one operation ran (its cause says why)."""
 
 
 def _run_one(connection: sqlite3.Connection, operation: Operation) -> tuple[bool, Any]:
     connection.execute("SAVEPOINT op")
     try:
         value = operation(connection)
-    except Exception as exc:  # this operation only: the others in the batch go on
+    except Exception as exc:
+        if not connection.in_transaction:
+            raise _TransactionLost() from exc
+        # This operation only: the others in the batch go on.
         connection.execute("ROLLBACK TO op")
         connection.execute("RELEASE op")
         return False, exc
