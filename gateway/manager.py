@@ -136,6 +136,11 @@ class ManagerClient:
         self._proxy = config.proxy.get_secret_value() if config.proxy is not None else None
         self.tokens = TokenCache(self._fetch_token, clock=clock, shared=shared_tokens)
 
+    @property
+    def timeout_s(self) -> float:
+        """The deadline of one order request (retries included)."""
+        return self._config.timeout_s
+
     def with_config(self, config: ManagerConfig) -> ManagerClient:
         """A client for a reloaded configuration that keeps the session and the token cache."""
         client = ManagerClient(

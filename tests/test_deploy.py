@@ -7,6 +7,7 @@ the UID is the image's, and the places it writes are writable.
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,11 @@ from gateway.config import parse_config
 
 EXAMPLES = sorted((REPO_ROOT / "deploy" / "kubernetes").glob("*.yaml"))
 DOCKERFILE = (REPO_ROOT / "Dockerfile").read_text(encoding="utf-8")
+# What each secret file holds, for loading the examples' configurations.
+SECRETS = {
+    "redis_url_file": "redis://:pw@redis:6379/0",
+    "key_file": base64.urlsafe_b64encode(b"k" * 32).decode(),  # a Fernet key
+}
 SECRET_KEYS = re.compile(r'^\s*(\w+_file)\s*=\s*"([^"]+)"', re.MULTILINE)
 
 
@@ -67,12 +73,16 @@ def test_example_configuration_loads_with_its_mounted_secret_files(
         assert any(secret_path.startswith(mount + "/") for mount in mounts), (key, secret_path)
         local = tmp_path / secret_path.lstrip("/")
         local.parent.mkdir(parents=True, exist_ok=True)
-        local.write_text("redis://:pw@redis:6379/0" if "redis" in key else "secret", "utf-8")
+        local.write_text(SECRETS.get(key, "secret"), "utf-8")
         text = text.replace(f'"{secret_path}"', f'"{local}"')
 
     config = parse_config(text, environ={})
 
     assert config.server.admin_port == 9091 and config.server.port == 8080
+    if config.outbox.enabled and config.state.backend == "memory":
+        # The SQLite file lies on a writable volume of this container.
+        writable = [m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")]
+        assert any(config.outbox.path.startswith(mount + "/") for mount in writable)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
