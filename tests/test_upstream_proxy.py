@@ -23,9 +23,11 @@ from test_cli import free_port, wait_for
 
 from gateway.app import Seams, create_app
 from gateway.auth import hash_key
-from gateway.config import parse_config
+from gateway.config import load_config, parse_config
+from gateway.gateway import GATEWAY_KEY
 from gateway.observability import Metrics
 from gateway.sandbox import DEMO_ORG_ID, DEMO_ORG_KEY, DEMO_SHOP_ID, SANDBOX_KEY, create_sandbox_app
+from gateway.server import reload_config
 from gateway.upstream_proxy import (
     EnvProxy,
     ProxyUrlError,
@@ -382,6 +384,28 @@ async def test_pdf_fetches_never_use_the_proxy_even_when_configured_and_in_the_e
     assert scene.received()[0]["payload"]["prescription_pdf_base64"]
     assert scene.to_manager(proxy), "the Manager call should have used the proxy"
     assert scene.to_pdf_host(proxy) == []  # the PDF host was reached by the gateway itself
+
+
+async def test_a_reload_that_adds_a_proxy_sends_later_manager_calls_through_it(
+    scene: Scene, start_proxy: StartProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxy = await start_proxy()
+    assert scene.sandbox.port is not None and scene.pdf_server.port is not None
+    ports = (scene.sandbox.port, scene.pdf_server.port)
+    monkeypatch.setenv("ORG_KEY", DEMO_ORG_KEY)
+    path = tmp_path / "gateway.toml"
+    path.write_text(proxied_config(*ports, ""), encoding="utf-8")
+    client = await scene.aiohttp_client(create_app(load_config(path), Seams(metrics=Metrics())))
+    status, _ = await post(client, "RL-1")
+    assert status == 200 and scene.to_manager(proxy) == []
+
+    path.write_text(proxied_config(*ports, f'proxy_url = "{proxy.url}"'), encoding="utf-8")
+    assert reload_config(client.server.app[GATEWAY_KEY], path)
+    status, _ = await post(client, "RL-2")
+
+    assert status == 200
+    assert any("/order-requests" in line for line in scene.to_manager(proxy))
+    assert [e["external_reference"] for e in scene.received()] == ["RL-1", "RL-2"]
 
 
 async def test_check_config_names_the_proxy_without_its_credentials(
