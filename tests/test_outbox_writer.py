@@ -84,3 +84,33 @@ async def test_a_connection_that_cannot_be_opened_is_reported(tmp_path: Path) ->
     await asyncio.to_thread(thread.opened.wait)
     thread.join()
     assert isinstance(thread.open_error, sqlite3.DatabaseError)
+
+
+def select_v(c: sqlite3.Connection) -> object:
+    return c.execute("SELECT v FROM t").fetchone()[0]
+
+
+async def test_reads_alone_take_neither_the_write_lock_nor_a_savepoint(
+    writer: tuple[SqliteWriter, list[str]],
+) -> None:
+    thread, statements = writer
+    await thread.submit(insert(7))  # type: ignore[arg-type]
+    statements.clear()
+    values = await asyncio.gather(*(thread.submit(select_v, writes=False) for _ in range(5)))
+    assert values == [7] * 5
+    assert "BEGIN IMMEDIATE" not in statements
+    assert not [s for s in statements if s.startswith("SAVEPOINT")]
+
+
+async def test_a_failing_read_fails_alone_beside_writes(
+    writer: tuple[SqliteWriter, list[str]],
+) -> None:
+    thread, _ = writer
+    outcomes = await asyncio.gather(
+        thread.submit(insert(1)),  # type: ignore[arg-type]
+        thread.submit(lambda c: c.execute("SELECT missing FROM t"), writes=False),
+        thread.submit(insert(2)),  # type: ignore[arg-type]
+        return_exceptions=True,
+    )
+    assert outcomes[0] == 1 and outcomes[2] == 1
+    assert isinstance(outcomes[1], sqlite3.OperationalError)
