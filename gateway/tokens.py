@@ -65,22 +65,23 @@ def parse_token_reply(body: object, now: float) -> Token:
     return Token(value=value, expires_at=expires_at, renew_at=expires_at - margin)
 
 
-_SEGMENT: Final = re.compile(r"^[A-Za-z0-9_-]*={0,2}$")
+_ALPHABET: Final = re.compile(r"^[A-Za-z0-9_-]*$")
 
 
 def read_jwt_claims(value: str) -> Mapping[str, object]:
     """The claims of a compact JWS (``header.payload.signature``), signature not verified; empty
-    for anything else (an opaque token, a detached or critical-extension header, bad base64).
+    for anything else (an opaque token, bad base64 or JSON, a detached or critical header).
 
     What PyJWT's ``decode`` without verification reads, without importing PyJWT: it loads the
     ``cryptography`` package, about 11 MiB of resident memory the gateway does not otherwise need.
     """
     segments = value.split(".")
-    if len(segments) != 3 or not all(_SEGMENT.match(segment) for segment in segments):
+    if len(segments) != 3:
         return {}
     try:
-        header, claims = (_decode_segment(segment) for segment in segments[:2])
-    except (ValueError, RecursionError):  # bad base64 or JSON (binascii.Error is a ValueError)
+        header_raw, claims_raw, _ = (_decode_segment(segment) for segment in segments)
+        header, claims = json.loads(header_raw), json.loads(claims_raw)
+    except (ValueError, RecursionError):  # binascii.Error and UnicodeDecodeError included
         return {}
     if not isinstance(header, dict) or not isinstance(claims, dict):
         return {}
@@ -89,10 +90,19 @@ def read_jwt_claims(value: str) -> Mapping[str, object]:
     return claims
 
 
-def _decode_segment(segment: str) -> object:
-    data = segment.rstrip("=")
-    raw = base64.urlsafe_b64decode(data + "=" * (-len(data) % 4))
-    return json.loads(raw)
+def _decode_segment(segment: str) -> bytes:
+    """Base64url as strict as PyJWT: at most two ``=`` and only to a multiple of four, no stray
+    characters, no bits beyond the data."""
+    stripped = segment.rstrip("=")
+    padding = len(segment) - len(stripped)
+    if padding > 2 or (padding and len(segment) % 4) or len(stripped) % 4 == 1:
+        raise ValueError("bad padding")
+    if not _ALPHABET.match(stripped):
+        raise ValueError("not base64url")
+    raw = base64.urlsafe_b64decode(stripped + "=" * (-len(stripped) % 4))
+    if base64.urlsafe_b64encode(raw).rstrip(b"=") != stripped.encode("ascii"):
+        raise ValueError("not canonical base64url")
+    return raw
 
 
 TokenFetch = Callable[[str, str], Awaitable[Token]]

@@ -6,6 +6,9 @@ Time is a fake clock; fetches are fakes gated by events, so nothing sleeps and n
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import random
 from typing import Any
 
 import jwt
@@ -17,6 +20,7 @@ from gateway.tokens import (
     TokenCache,
     TokenReplyError,
     parse_token_reply,
+    read_jwt_claims,
 )
 
 NOW = 1_800_000_000.0
@@ -412,3 +416,81 @@ async def test_rebind_fetches_through_the_new_function(
 
     assert fetch.calls == [("org1", "key1")]
     assert other.calls == [("org2", "key1")]
+
+
+# --- reading the exp claim without PyJWT ---------------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _compact(header: object, payload: object, signature: str = "c2ln") -> str:
+    return f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(payload).encode())}.{signature}"
+
+
+SAME_AS_PYJWT = [
+    make_jwt(exp=int(NOW + 500), sub="org1"),
+    make_jwt(sub="org1"),
+    jwt.encode({"exp": NOW + 0.5}, "another-secret-unknown-to-the-gateway-xx", "HS256"),
+    jwt.encode({"exp": 1}, SECRET, "HS256", headers={"kid": "k1"}),
+    _compact({"alg": "none"}, {"exp": 12}, signature=""),
+    _compact({"alg": "HS256"}, {"exp": 12}) + "=",  # padded signature, as some issuers send
+    _compact({"alg": "HS256"}, {"exp": "soon"}),
+    "opaque-token",
+    "a.b",
+    "a.b.c.d",
+    "!!!.e30.c2ln",
+    _compact({"alg": "HS256"}, {"exp": 12}, signature="c2l"),  # bits beyond the data
+    _compact({"alg": "HS256"}, {"exp": 12}, signature="c2lu"),
+    _compact({"alg": "HS256"}, {"exp": 12}, signature="c2k="),
+    _compact({"alg": "HS256"}, {"exp": 12}, signature="c2k==="),
+    _compact({"alg": "HS256"}, {"exp": 12}, signature="c"),
+    f"{_b64(b'not json')}.e30.c2ln",
+    _compact([1], {"exp": 12}),
+    _compact({"alg": "HS256"}, [1, 2]),
+    _compact({"alg": "HS256", "kid": 5}, {"exp": 12}),
+    _compact({"alg": "HS256"}, {"exp": 12}).replace(".", "..", 1),
+    "",
+]
+
+
+def _pyjwt_claims(value: str) -> dict[str, object]:
+    try:
+        claims: dict[str, object] = jwt.decode(value, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return {}
+    return claims
+
+
+@pytest.mark.parametrize("value", SAME_AS_PYJWT)
+def test_jwt_claims_are_read_as_pyjwt_reads_them_without_verifying(value: str) -> None:
+    assert read_jwt_claims(value) == _pyjwt_claims(value)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [{"alg": "HS256", "b64": False, "crit": ["b64"]}, {"alg": "HS256", "crit": ["exp"]}],
+)
+def test_jwt_with_critical_extensions_is_treated_as_opaque(header: dict[str, object]) -> None:
+    # Never more than PyJWT reads: an unusual header means no exp claim (expires_in, or 5 min).
+    assert read_jwt_claims(_compact(header, {"exp": 12})) == {}
+
+
+def test_damaged_jwts_are_read_as_pyjwt_reads_them() -> None:
+    rng = random.Random(13)
+    tokens = [make_jwt(exp=int(NOW + 500), sub="org1"), _compact({"alg": "none"}, {"exp": 1})]
+    alphabet = "AQgw_-=.!eyJ9"
+    for _ in range(2000):
+        value = list(rng.choice(tokens))
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(value))
+            action = rng.choice(("replace", "delete", "insert"))
+            if action == "replace":
+                value[at] = rng.choice(alphabet)
+            elif action == "delete":
+                del value[at]
+            else:
+                value.insert(at, rng.choice(alphabet))
+        damaged = "".join(value)
+        assert read_jwt_claims(damaged) == _pyjwt_claims(damaged), damaged
