@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import logging
+import random
 import re
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -24,6 +25,7 @@ from gateway.observability import (
     log,
     log_context,
     log_event,
+    log_request,
     setup_logging,
 )
 
@@ -408,3 +410,93 @@ def test_a_real_file_gets_one_whole_json_line_per_event(tmp_path: Path) -> None:
     lines = path.read_text(encoding="utf-8").splitlines()
     assert [json.loads(line)["status"] for line in lines] == [200, 201]
     assert len(json.loads(lines[1])["partner"]) == 70_000  # a long line arrives whole
+
+
+# --- the direct path (no LogRecord) and the request log --------------------------------------
+
+
+def _read_lines(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("through", ["direct", "logging"])
+def test_request_line_is_the_same_whichever_path_writes_it(tmp_path: Path, through: str) -> None:
+    path = tmp_path / "gateway.log"
+    with path.open("a", encoding="utf-8") as stream:
+        setup_logging("info", "json", stream=stream)
+        if through == "logging":  # a filter keeps the line off the direct path
+            log.handlers[0].addFilter(lambda record: True)
+        with log_context(request_id="r1", partner="drx", customer_name="Max"):
+            bind_log_context(shop="shop1", upstream_status=201, email="max@example.com")
+            log_request("POST", "/api/v1/external-order", 201, 1.25)
+            log_event(logging.WARNING, "upstream_retry", attempt=1, token="secret")
+
+    request, retry = _read_lines(path)
+    # The context's fields first, then the event's, each in LOG_FIELDS' order.
+    assert list(request) == [
+        "time", "level", "event", "request_id", "partner", "shop", "upstream_status", "method",
+        "path", "status", "duration_ms",
+    ]  # fmt: skip
+    assert {k: v for k, v in request.items() if k != "time"} == {
+        "level": "info", "event": "request", "request_id": "r1", "partner": "drx",
+        "shop": "shop1", "method": "POST", "path": "/api/v1/external-order", "status": 201,
+        "duration_ms": 1.25, "upstream_status": 201,
+    }  # fmt: skip
+    assert retry["level"] == "warning" and retry["attempt"] == 1 and "token" not in retry
+    stamp = datetime.fromisoformat(str(request["time"]))
+    assert abs(stamp - datetime.now(UTC)) < timedelta(minutes=1)
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_request_line_below_the_level_is_not_written(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.log"
+    with path.open("a", encoding="utf-8") as stream:
+        setup_logging("warning", "json", stream=stream)
+        log_request("POST", "/x", 200, 0.5)
+
+    assert path.read_text() == ""
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_text_format_takes_the_direct_path_too(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.log"
+    with path.open("a", encoding="utf-8") as stream:
+        setup_logging("info", "text", stream=stream)
+        with log_context(request_id="r2"):
+            log_request("GET", "/y", 404, 0.1)
+
+    (line,) = path.read_text().splitlines()
+    assert re.fullmatch(
+        r"\d\d:\d\d:\d\d info    request request_id=r2 method=GET path=/y status=404 "
+        r"duration_ms=0.1",
+        line,
+    )
+
+
+def test_log_time_is_what_datetime_would_write() -> None:
+    formatter = JsonFormatter()
+    rng = random.Random(7)
+    stamps = [0.0, 0.0005, 0.9999995, 1_800_000_000.9999996, 1_800_000_000.0004999, -1.5]
+    stamps += [rng.uniform(0, 4e9) for _ in range(5000)]
+    stamps += [rng.randrange(2**31) + rng.randrange(10**6) / 1e6 for _ in range(5000)]
+    for stamp in stamps:
+        expected = datetime.fromtimestamp(stamp, UTC).isoformat(timespec="milliseconds")
+        assert formatter.format_time(stamp) == expected, stamp
+
+
+def test_bound_children_count_like_labels() -> None:
+    metrics = Metrics()
+    for _ in range(3):
+        metrics.count_request("drx", 201, 0.003)
+    metrics.count_request("unknown", 401, 0.001)
+    metrics.count_upstream(201, 0.002)
+    metrics.count_upstream(503, 0.004)
+
+    values = samples(metrics)
+    assert values[("gateway_requests_total", (("code", "201"), ("partner", "drx")))] == 3
+    assert values[("gateway_requests_total", (("code", "401"), ("partner", "unknown")))] == 1
+    assert values[("gateway_request_duration_seconds_count", ())] == 4
+    assert values[("gateway_upstream_requests_total", (("status", "201"),))] == 1
+    assert values[("gateway_upstream_requests_total", (("status", "503"),))] == 1
+    assert values[("gateway_upstream_duration_seconds_count", ())] == 2
