@@ -5,6 +5,10 @@ result. The thread takes every operation waiting in its queue into one ``BEGIN I
 COMMIT``, each inside a savepoint (one that fails is rolled back alone), so that under load one
 fsync commits many orders, and wakes the event loop once per batch with every result. A read
 (``writes=False``) needs no savepoint, and a batch of reads alone no write lock.
+
+Savepoints cost two statements per operation, and operations rarely fail: a batch first runs
+without them, and only when one of its operations fails is it rolled back and run again with a
+savepoint each. An operation may therefore run twice; it must do nothing but use the connection.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ Operation = Callable[[sqlite3.Connection], Any]
 MAX_BATCH: Final = 256
 _Item = tuple[Operation, bool, asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
 _Settled = tuple["asyncio.Future[Any]", bool, Any]
+_Result = tuple[bool, Any]
 
 
 class SqliteWriter(threading.Thread):
@@ -69,13 +74,16 @@ class SqliteWriter(threading.Thread):
                 self._queue.put(None)  # stop after this batch
                 break
             batch.append(item)
-        results: list[tuple[bool, Any]] = []
-        writes = any(item[1] for item in batch)
+        # Reads alone take a snapshot without the write lock (and there is nothing to sync).
+        begin = "BEGIN IMMEDIATE" if any(item[1] for item in batch) else "BEGIN"
         try:
-            # Reads alone take a snapshot without the write lock (and there is nothing to sync).
-            connection.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
-            for operation, op_writes, _, _ in batch:
-                results.append(_run_one(connection, operation, op_writes))
+            connection.execute(begin)
+            results = _run_together(connection, batch)
+            if results is None:  # one failed: again, each in a savepoint, so it fails alone
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                connection.execute(begin)
+                results = [_run_one(connection, op, writes) for op, writes, _, _ in batch]
             connection.execute("COMMIT")
         except sqlite3.Error as exc:
             # The commit failed, or SQLite itself rolled the transaction back (a full disk, an
@@ -94,6 +102,17 @@ class SqliteWriter(threading.Thread):
 
 class _TransactionLost(sqlite3.Error):
     """SQLite ended the whole transaction while one operation ran (its cause says why)."""
+
+
+def _run_together(connection: sqlite3.Connection, batch: list[_Item]) -> list[_Result] | None:
+    """Every operation of the batch without savepoints; None as soon as one fails."""
+    results: list[_Result] = []
+    for operation, _, _, _ in batch:
+        try:
+            results.append((True, operation(connection)))
+        except Exception:
+            return None
+    return results
 
 
 def _run_one(
