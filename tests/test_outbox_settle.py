@@ -1,4 +1,5 @@
-"""SqliteOutbox.settle answers with the ledger entry as stored, without reading it back."""
+"""SqliteOutbox: settle answers the ledger entry as stored (no read-back); claims read what was
+committed, on the event loop's own connection or, when it cannot, through the writer."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from gateway.outbox import LedgerEvent, NewOrder, OrderStatus, Remember, Settlem
 from gateway.outbox.deliverer import build_queued_reply
 from gateway.outbox.sealing import Sealer, new_key
 from gateway.outbox.sqlite import SqliteOutbox
+from gateway.state import Claim, ClaimStatus, StoredReply
 
 KEY = SecretStr(new_key())
 
@@ -58,3 +60,24 @@ async def test_every_settlement_answers_what_a_read_then_finds(store: SqliteOutb
 
 async def test_settling_an_unknown_order_answers_none(store: SqliteOutbox) -> None:
     assert await store.settle("acme", "nope", SETTLEMENTS[0]) is None
+
+
+async def test_claims_read_what_was_committed(store: SqliteOutbox) -> None:
+    reply = StoredReply(201, b'{"id":"or_1"}', "application/json")
+    await store.complete("k-1", "fp", reply, 3600)
+
+    assert await store.claim("k-1", "fp", 30) == Claim(ClaimStatus.REPLAY, reply)
+    assert await store.claim("k-1", "other", 30) == Claim(ClaimStatus.CONFLICT)
+    assert await store.claim("k-2", "fp", 30) == Claim(ClaimStatus.NEW)
+    assert await store.claim("k-2", "fp", 30) == Claim(ClaimStatus.IN_PROGRESS)
+
+
+async def test_a_claim_the_loops_connection_cannot_read_is_read_by_the_writer(
+    store: SqliteOutbox,
+) -> None:
+    reply = StoredReply(201, b"{}", "application/json")
+    await store.complete("k-1", "fp", reply, 3600)
+    assert store._reader is not None
+    store._reader.close()  # as if its read failed (a lock held by a checkpoint, say)
+
+    assert await store.claim("k-1", "fp", 30) == Claim(ClaimStatus.REPLAY, reply)
