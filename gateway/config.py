@@ -32,6 +32,8 @@ DEFAULT_CONFIG_PATH: Final = "config/gateway.toml"
 CONFIG_ENV: Final = "GATEWAY_CONFIG"
 _SHA256_HEX: Final = re.compile(r"^[0-9a-f]{64}$")
 _NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# A console token shorter than this is refused: it guards the Retry and Drop buttons.
+MIN_ADMIN_TOKEN_CHARS: Final = 16
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -51,6 +53,26 @@ class ServerConfig(_Section):
     drain_s: float = Field(default=0, ge=0, le=300)
     # How long requests in flight may take to finish after the listener is closed.
     shutdown_timeout_s: float = Field(default=30, gt=0, le=600)
+    # The operator console's token (contract section 12): without one the console is read-only.
+    admin_token_env: str | None = None
+    admin_token_file: str | None = None
+    # Filled by load_config from admin_token_env / admin_token_file; never read from the file.
+    admin_token: SecretStr | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_token(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "admin_token" in data:
+            raise ValueError(
+                "secrets never live in the file: use admin_token_env or admin_token_file"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> ServerConfig:
+        if self.admin_token_env and self.admin_token_file:
+            raise ValueError("set admin_token_env or admin_token_file, not both")
+        return self
 
     @property
     def max_body_bytes(self) -> int:
@@ -343,9 +365,33 @@ def parse_config(
             )
         state = state.model_copy(update={"redis_url": SecretStr(url)})
     outbox = _with_outbox_keys(config.outbox, environ)
+    server = _with_admin_token(config.server, environ)
     return config.model_copy(
-        update={"shops": shops, "digest": digest, "state": state, "outbox": outbox}
-    )
+        update={
+            "shops": shops, "digest": digest, "state": state, "outbox": outbox, "server": server,
+        }
+    )  # fmt: skip
+
+
+def _with_admin_token(server: ServerConfig, environ: Mapping[str, str]) -> ServerConfig:
+    """The console's token from ``admin_token_env`` / ``admin_token_file`` (None: read-only)."""
+    if server.admin_token_env:
+        name, value = "server.admin_token_env", environ.get(server.admin_token_env, "")
+        if not value.strip():
+            raise ConfigError(
+                f"{name}: environment variable {server.admin_token_env} is not set or empty"
+            )
+    elif server.admin_token_file:
+        name = "server.admin_token_file"
+        value = _read_secret_file(name, server.admin_token_file)
+    else:
+        return server
+    token = value.strip()
+    if len(token) < MIN_ADMIN_TOKEN_CHARS:
+        raise ConfigError(
+            f"{name}: the console token must have at least {MIN_ADMIN_TOKEN_CHARS} characters"
+        )
+    return server.model_copy(update={"admin_token": SecretStr(token)})
 
 
 def _with_outbox_keys(outbox: OutboxConfig, environ: Mapping[str, str]) -> OutboxConfig:
