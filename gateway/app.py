@@ -13,10 +13,11 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver
 
 from gateway.config import Config
+from gateway.console.handlers import add_console_routes
 from gateway.gateway import GATEWAY_KEY, Gateway
 from gateway.manager import USER_AGENT, ManagerClient
 from gateway.middleware import create_middleware
-from gateway.observability import Metrics, log_event
+from gateway.observability import Metrics, RequestLog, log_event
 from gateway.outbox.deliverer import Outbox
 from gateway.outbox.sealing import Sealer
 from gateway.outbox.sqlite import SqliteOutbox
@@ -49,7 +50,14 @@ def create_gateway(config: Config, seams: Seams | None = None) -> Gateway:
     """The shared state for both apps (compiles the configuration)."""
     seams = seams or Seams()
     store = create_store(config, seams)
-    gateway = Gateway(runtime=build_runtime(config), state=store, metrics=seams.metrics)
+    gateway = Gateway(
+        runtime=build_runtime(config),
+        state=store,
+        metrics=seams.metrics,
+        request_log=RequestLog(clock=seams.clock),
+        clock=seams.clock,
+        created_at=seams.clock(),
+    )
     if config.outbox.enabled:
         assert isinstance(store, SqliteOutbox)  # the only OutboxStore so far
         gateway.outbox = Outbox(
@@ -90,7 +98,8 @@ def create_app(
     # Body size is enforced by intake.py against the live server.max_body_mb (which a reload may
     # raise); aiohttp's own 1 MiB default would refuse bodies the operator allowed.
     app = web.Application(
-        middlewares=[create_middleware(gateway.metrics)], client_max_size=UNLIMITED_BODY
+        middlewares=[create_middleware(gateway.metrics, gateway.request_log)],
+        client_max_size=UNLIMITED_BODY,
     )
     app[GATEWAY_KEY] = gateway
     add_order_routes(app)
@@ -101,10 +110,13 @@ def create_app(
 
 
 def create_admin_app(gateway: Gateway) -> web.Application:
-    """``/healthz``, ``/readyz``, ``/metrics`` for operators and probes, on their own port."""
-    app = web.Application(middlewares=[create_middleware(None)])
+    """``/healthz``, ``/readyz``, ``/metrics`` for operators and probes, on their own port, and
+    the operator console (``/``). The console is never served on the partner port, not even with
+    ``admin_port = 0``: that port faces the partners (and the internet)."""
+    app = web.Application(middlewares=[create_middleware(None, None)])
     app[GATEWAY_KEY] = gateway
     add_admin_routes(app)
+    add_console_routes(app)
     return app
 
 

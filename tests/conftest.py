@@ -25,11 +25,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDictProxy
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from gateway.app import Seams, create_app
+from gateway.app import Seams, create_admin_app, create_app, create_gateway
 from gateway.auth import hash_key
 from gateway.config import Config, parse_config
 from gateway.gateway import GATEWAY_KEY, Gateway
 from gateway.observability import LOGGER_NAME, setup_logging
+from gateway.outbox.sealing import new_key as new_outbox_key
 from gateway.sandbox import (
     DEMO_ORG_ID,
     DEMO_ORG_KEY,
@@ -466,3 +467,71 @@ class SlowManager:
         app.router.add_post(f"{base}/auth/token", self.token)
         app.router.add_post(f"{base}/order-requests", self.order_request)
         return app
+
+
+ADMIN_TOKEN = "operator-console-token-0123456789"
+OUTBOX_KEY = new_outbox_key()
+
+
+@dataclass
+class ConsoleHarness:
+    """The partner app and the admin app (with the console) over one gateway, outbox on."""
+
+    partner: Client
+    admin: Client
+    gateway: Gateway
+    config: Config
+
+    async def deliver(self) -> int:
+        """One round of the outbox's deliverer (the tests run it by hand)."""
+        assert self.gateway.outbox is not None
+        return await self.gateway.outbox.run_once(
+            self.gateway.runtime.targets, self.gateway.manager
+        )
+
+    async def log_in(self, token: str = ADMIN_TOKEN) -> None:
+        async with self.admin.post(
+            "/console/login", data={"token": token}, allow_redirects=False
+        ) as response:
+            assert response.status == 303
+
+
+MakeConsole = Callable[..., Awaitable[ConsoleHarness]]
+
+
+@pytest.fixture
+def make_console(
+    aiohttp_client: AiohttpClient, sandbox: TestServer, fake_time: FakeTime, tmp_path: Path
+) -> MakeConsole:
+    """A gateway with the outbox (SQLite in ``tmp_path``) in front of the sandbox, its partner
+    app and its admin app; ``token=False``: no operator token (read-only console)."""
+
+    async def make(
+        *, token: bool = True, outbox: bool = True, max_age_hours: float = 1
+    ) -> ConsoleHarness:
+        server: dict[str, TomlValue] = {"admin_port": 9091}
+        if token:
+            server["admin_token_env"] = "TEST_ADMIN_TOKEN"
+        text = gateway_toml(base_url_of(sandbox), server=server, manager={"retries": 0})
+        if outbox:
+            text += toml_table(
+                "outbox",
+                {
+                    "enabled": True,
+                    "path": str(tmp_path / "outbox.db"),
+                    "key_env": "TEST_OUTBOX_KEY",
+                    "max_age_hours": max_age_hours,
+                    "retry_min_s": 1,
+                },
+            )
+        environ = {**ENVIRON, "TEST_ADMIN_TOKEN": ADMIN_TOKEN, "TEST_OUTBOX_KEY": OUTBOX_KEY}
+        config = parse_config(text, environ=environ)
+        seams = Seams(
+            clock=fake_time.clock, sleep=fake_time.sleep, rand=lambda: 0.5, deliverer_poll_s=None
+        )
+        gateway = create_gateway(config, seams)
+        partner = await aiohttp_client(create_app(config, seams, gateway=gateway))
+        admin = await aiohttp_client(create_admin_app(gateway))
+        return ConsoleHarness(partner, admin, gateway, config)
+
+    return make
