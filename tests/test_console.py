@@ -62,6 +62,7 @@ async def fail_order(
     assert harness.gateway.outbox is not None
     entry = await harness.gateway.outbox.store.get("acme", reference)
     assert entry is not None and entry.status is OrderStatus.FAILED
+    assert entry.last_error == "upstream_unavailable"  # kept when the order is given up
 
 
 async def post_action(

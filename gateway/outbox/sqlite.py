@@ -375,6 +375,9 @@ class SqliteOutbox:
                 return entry  # dropped meanwhile, and this attempt changed nothing
             events = entry.events + ((settlement.event,) if settlement.event else ())
             status = settlement.status
+            last_error = settlement.last_error
+            if status is OrderStatus.FAILED and last_error is None:
+                last_error = entry.last_error  # given up: why it never got through stays known
             connection.execute(
                 "UPDATE orders SET status = ?, attempts = attempts + ?, updated_at = ?, "
                 "next_at = ?, leased = 0, last_error = ?, "
@@ -385,7 +388,7 @@ class SqliteOutbox:
                 (
                     status.value, int(settlement.attempted), settlement.now,
                     settlement.next_attempt_at if status is OrderStatus.QUEUED else None,
-                    settlement.last_error, settlement.order_request_id,
+                    last_error, settlement.order_request_id,
                     settlement.manager_status, _dump_events(events), status in SETTLED,
                     partner, reference,
                 ),
