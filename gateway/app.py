@@ -19,8 +19,8 @@ from gateway.manager import USER_AGENT, ManagerClient
 from gateway.middleware import create_middleware
 from gateway.observability import Metrics, RequestLog, log_event
 from gateway.outbox.deliverer import Outbox
+from gateway.outbox.factory import create_outbox_store, open_outbox_store
 from gateway.outbox.sealing import Sealer
-from gateway.outbox.sqlite import SqliteOutbox
 from gateway.pdf import PdfFetcher
 from gateway.routes import add_admin_routes, add_order_routes
 from gateway.runtime import build_runtime
@@ -49,19 +49,24 @@ class Seams:
 def create_gateway(config: Config, seams: Seams | None = None) -> Gateway:
     """The shared state for both apps (compiles the configuration)."""
     seams = seams or Seams()
-    store = create_store(config, seams)
+    runtime = build_runtime(config)
+    # With the outbox, its store is also the state store: idempotency records survive a restart.
+    outbox_store = (
+        create_outbox_store(config, clock=seams.clock, max_pages=seams.outbox_max_pages)
+        if config.outbox.enabled
+        else None
+    )
     gateway = Gateway(
-        runtime=build_runtime(config),
-        state=store,
+        runtime=runtime,
+        state=outbox_store or create_store(config, seams),
         metrics=seams.metrics,
         request_log=RequestLog(clock=seams.clock),
         clock=seams.clock,
         created_at=seams.clock(),
     )
-    if config.outbox.enabled:
-        assert isinstance(store, SqliteOutbox)  # the only OutboxStore so far
+    if outbox_store is not None:
         gateway.outbox = Outbox(
-            store, Sealer(config.outbox.keys), config.outbox,
+            outbox_store, Sealer(config.outbox.keys), config.outbox,
             metrics=seams.metrics, clock=seams.clock, rand=seams.rand,
         )  # fmt: skip
     gateway.metrics.set_config(config.digest)
@@ -69,15 +74,7 @@ def create_gateway(config: Config, seams: Seams | None = None) -> Gateway:
 
 
 def create_store(config: Config, seams: Seams) -> StateStore:
-    """The configured state backend: this process's memory (or the outbox's SQLite file when
-    the outbox is on), or Redis shared by all."""
-    if config.outbox.enabled and config.state.backend == "memory":
-        return SqliteOutbox(
-            config.outbox.path,
-            Sealer(config.outbox.keys),
-            clock=seams.clock,
-            max_pages=seams.outbox_max_pages,
-        )
+    """The configured state backend without the outbox: this process's memory, or Redis."""
     if config.state.backend == "redis":
         from gateway.state.redis import RedisStore  # only then: redis-py costs memory and start-up
 
@@ -170,8 +167,7 @@ async def _start_outbox(gateway: Gateway, seams: Seams) -> asyncio.Task[None] | 
     outbox = gateway.outbox
     if outbox is None:
         return None
-    if isinstance(outbox.store, SqliteOutbox):
-        await outbox.store.open()
+    await open_outbox_store(outbox.store)  # a store that cannot be used says so in the log
     if seams.deliverer_poll_s is None:
         return None
     poll_s = min(seams.deliverer_poll_s, outbox.config.retry_min_s)
