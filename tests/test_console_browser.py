@@ -8,6 +8,7 @@ Set ``CONSOLE_SCREENSHOT=docs/console.png`` to refresh the README's screenshot.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -184,3 +185,15 @@ async def test_operator_logs_in_sees_orders_retries_and_drops_in_a_real_browser(
 
     assert problems == []
     assert all(url.startswith(base + "/") for url in requested), requested
+
+
+def test_without_chromium_ci_fails_and_a_developers_machine_skips(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", Path("/nonexistent/chromium"))
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="installs it"):
+        require_chromium()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        require_chromium()
