@@ -58,7 +58,7 @@ def create_gateway(config: Config, seams: Seams | None = None) -> Gateway:
     )
     gateway = Gateway(
         runtime=runtime,
-        state=outbox_store or create_store(config, seams),
+        state=create_store(config, seams) if outbox_store is None else outbox_store,
         metrics=seams.metrics,
         request_log=RequestLog(clock=seams.clock),
         clock=seams.clock,
