@@ -195,33 +195,44 @@ class RequestRecord:
     request_id: str | None = None
 
 
+# What the ring buffer keeps per request: time, method, path, status, duration, then the bound
+# fields partner, code, external_reference, request_id (as the log context holds them).
+_Kept = tuple[float, str, str, int, float, object, object, object, object]
+
+
 class RequestLog:
     """The request log: the one place where a request's log fields become its log line.
 
     It also keeps the last ``size`` requests of this process in memory (a ring buffer), so that
-    the operator console shows exactly what the log says, from the same fields.
+    the operator console shows exactly what the log says, from the same fields. A plain tuple per
+    request (about 0.1 µs); the console's records are built only when the page asks.
     """
 
     def __init__(self, size: int = RECENT_REQUESTS, *, clock: Callable[[], float] = time.time):
-        self._recent: deque[RequestRecord] = deque(maxlen=size)
+        self._recent: deque[_Kept] = deque(maxlen=size)
         self._clock = clock
 
     def write(self, *, method: str, path: str, status: int, duration_ms: float) -> None:
         """Log the request's line (with the fields bound during the request) and keep it."""
         fields = current_log_fields()
         self._recent.append(
-            RequestRecord(
-                at=self._clock(), method=method, path=path, status=status,
-                duration_ms=duration_ms, partner=_text(fields.get("partner")),
-                code=_text(fields.get("code")), reference=_text(fields.get("external_reference")),
-                request_id=_text(fields.get("request_id")),
+            (
+                self._clock(), method, path, status, duration_ms, fields.get("partner"),
+                fields.get("code"), fields.get("external_reference"), fields.get("request_id"),
             )
         )  # fmt: skip
         log_event(20, "request", method=method, path=path, status=status, duration_ms=duration_ms)
 
     def recent(self) -> list[RequestRecord]:
         """The kept requests, newest first."""
-        return list(reversed(self._recent))
+        return [
+            RequestRecord(
+                at, method, path, status, duration_ms,
+                _text(partner), _text(code), _text(reference), _text(request_id),
+            )
+            for at, method, path, status, duration_ms, partner, code, reference, request_id
+            in reversed(self._recent)
+        ]  # fmt: skip
 
 
 def _text(value: object) -> str | None:
