@@ -17,6 +17,7 @@ from gateway.gateway import GATEWAY_KEY, Gateway
 from gateway.manager import USER_AGENT, ManagerClient
 from gateway.middleware import create_middleware
 from gateway.observability import Metrics, log_event
+from gateway.outbox import OutboxStore
 from gateway.outbox.deliverer import Outbox
 from gateway.outbox.sealing import Sealer
 from gateway.outbox.sqlite import SqliteOutbox
@@ -48,28 +49,38 @@ class Seams:
 def create_gateway(config: Config, seams: Seams | None = None) -> Gateway:
     """The shared state for both apps (compiles the configuration)."""
     seams = seams or Seams()
-    store = create_store(config, seams)
-    gateway = Gateway(runtime=build_runtime(config), state=store, metrics=seams.metrics)
+    runtime = build_runtime(config)
     if config.outbox.enabled:
-        assert isinstance(store, SqliteOutbox)  # the only OutboxStore so far
+        # The outbox's store is also the state store: idempotency records survive a restart.
+        store = create_outbox_store(config, seams)
+        gateway = Gateway(runtime=runtime, state=store, metrics=seams.metrics)
         gateway.outbox = Outbox(
             store, Sealer(config.outbox.keys), config.outbox,
             metrics=seams.metrics, clock=seams.clock, rand=seams.rand,
         )  # fmt: skip
+    else:
+        gateway = Gateway(runtime=runtime, state=create_store(config, seams), metrics=seams.metrics)
     gateway.metrics.set_config(config.digest)
     return gateway
 
 
+def create_outbox_store(config: Config, seams: Seams) -> OutboxStore:
+    """The outbox's store: an SQLite file for one process, or Redis shared by all."""
+    if config.state.backend == "redis":
+        from gateway.outbox.redis import RedisOutbox  # only then: redis-py costs memory
+
+        assert config.state.redis_url is not None  # load_config resolved it
+        return RedisOutbox(config.state.redis_url.get_secret_value())
+    return SqliteOutbox(
+        config.outbox.path,
+        Sealer(config.outbox.keys),
+        clock=seams.clock,
+        max_pages=seams.outbox_max_pages,
+    )
+
+
 def create_store(config: Config, seams: Seams) -> StateStore:
-    """The configured state backend: this process's memory (or the outbox's SQLite file when
-    the outbox is on), or Redis shared by all."""
-    if config.outbox.enabled and config.state.backend == "memory":
-        return SqliteOutbox(
-            config.outbox.path,
-            Sealer(config.outbox.keys),
-            clock=seams.clock,
-            max_pages=seams.outbox_max_pages,
-        )
+    """The configured state backend without the outbox: this process's memory, or Redis."""
     if config.state.backend == "redis":
         from gateway.state.redis import RedisStore  # only then: redis-py costs memory and start-up
 
