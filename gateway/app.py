@@ -17,10 +17,9 @@ from gateway.gateway import GATEWAY_KEY, Gateway
 from gateway.manager import USER_AGENT, ManagerClient
 from gateway.middleware import create_middleware
 from gateway.observability import Metrics, log_event
-from gateway.outbox import OutboxStore
 from gateway.outbox.deliverer import Outbox
+from gateway.outbox.factory import create_outbox_store, open_outbox_store
 from gateway.outbox.sealing import Sealer
-from gateway.outbox.sqlite import SqliteOutbox
 from gateway.pdf import PdfFetcher
 from gateway.routes import add_admin_routes, add_order_routes
 from gateway.runtime import build_runtime
@@ -52,31 +51,18 @@ def create_gateway(config: Config, seams: Seams | None = None) -> Gateway:
     runtime = build_runtime(config)
     if config.outbox.enabled:
         # The outbox's store is also the state store: idempotency records survive a restart.
-        store = create_outbox_store(config, seams)
-        gateway = Gateway(runtime=runtime, state=store, metrics=seams.metrics)
+        outbox_store = create_outbox_store(
+            config, clock=seams.clock, max_pages=seams.outbox_max_pages
+        )
+        gateway = Gateway(runtime=runtime, state=outbox_store, metrics=seams.metrics)
         gateway.outbox = Outbox(
-            store, Sealer(config.outbox.keys), config.outbox,
+            outbox_store, Sealer(config.outbox.keys), config.outbox,
             metrics=seams.metrics, clock=seams.clock, rand=seams.rand,
         )  # fmt: skip
     else:
         gateway = Gateway(runtime=runtime, state=create_store(config, seams), metrics=seams.metrics)
     gateway.metrics.set_config(config.digest)
     return gateway
-
-
-def create_outbox_store(config: Config, seams: Seams) -> OutboxStore:
-    """The outbox's store: an SQLite file for one process, or Redis shared by all."""
-    if config.state.backend == "redis":
-        from gateway.outbox.redis import RedisOutbox  # only then: redis-py costs memory
-
-        assert config.state.redis_url is not None  # load_config resolved it
-        return RedisOutbox(config.state.redis_url.get_secret_value())
-    return SqliteOutbox(
-        config.outbox.path,
-        Sealer(config.outbox.keys),
-        clock=seams.clock,
-        max_pages=seams.outbox_max_pages,
-    )
 
 
 def create_store(config: Config, seams: Seams) -> StateStore:
@@ -169,8 +155,7 @@ async def _start_outbox(gateway: Gateway, seams: Seams) -> asyncio.Task[None] | 
     outbox = gateway.outbox
     if outbox is None:
         return None
-    if isinstance(outbox.store, SqliteOutbox):
-        await outbox.store.open()
+    await open_outbox_store(outbox.store)  # a store that cannot be used says so in the log
     if seams.deliverer_poll_s is None:
         return None
     poll_s = min(seams.deliverer_poll_s, outbox.config.retry_min_s)
