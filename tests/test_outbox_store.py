@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from conftest import free_port
 from pydantic import SecretStr
-from test_state_redis import RedisServer, all_keys, free_port, fresh_redis, run_redis_server
+from test_state_redis import all_keys
 
 import gateway.outbox.redis as redis_outbox
 from gateway.errors import StateUnavailableError
@@ -44,11 +45,6 @@ FP = "fingerprint-1"
 QUEUED_REPLY = StoredReply(202, b'{"status": "queued"}', "application/json")
 # Not UTF-8 and with a NUL byte: a reply must come back byte for byte.
 MANAGER_REPLY = StoredReply(201, b'{"id": "mgr-1"}\x00\xff', "application/json; charset=utf-8")
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    yield from run_redis_server()
 
 
 @dataclass
@@ -98,7 +94,7 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     if request.param == "sqlite":
         opened = _open_sqlite(tmp_path / "outbox.db")
     else:
-        opened = _open_redis(fresh_redis(request.getfixturevalue("redis_server")))
+        opened = _open_redis(request.getfixturevalue("redis_url"))
     async for value in opened:
         yield value
 
@@ -529,11 +525,6 @@ async def test_purge_forgets_old_settled_and_failed_orders_but_no_queued_one(
 
 
 # --- Redis only ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    return fresh_redis(redis_server)
 
 
 @pytest.fixture
