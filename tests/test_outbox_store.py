@@ -524,6 +524,25 @@ async def test_purge_forgets_old_settled_and_failed_orders_but_no_queued_one(
     assert references(await store.take_due(T0 + 2000, 60, 10)) == ["OLD-QUEUED"]
 
 
+# --- SQLite only ---------------------------------------------------------------------------------
+
+
+async def test_the_old_key_can_be_removed_after_a_rotation(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    old, new = SecretStr(new_key()), SecretStr(new_key())
+    problems = []
+    for keys in ([old], [new, old], [new]):  # the README's rotation: new first, then old removed
+        store = SqliteOutbox(path, Sealer(keys))
+        await store.open()
+        problems.append(store.problem)
+        await store.close()
+
+    assert problems == [None, None, None]
+    wrong = SqliteOutbox(path, Sealer([SecretStr(new_key())]))
+    await wrong.open()
+    assert wrong.problem is not None and "another key" in wrong.problem
+
+
 # --- Redis only ---------------------------------------------------------------------------------
 
 

@@ -254,6 +254,10 @@ class SqliteOutbox:
             raise OutboxFileError(
                 "the outbox was sealed with another key: put the old key back in outbox keys"
             ) from None
+        if self._owner:
+            # Sealed again with the first key: after a rotation the old key can then be removed.
+            canary = self._sealer.seal(CANARY)
+            connection.execute("UPDATE meta SET value = ? WHERE name = 'canary'", (canary,))
 
     def _recover(self, connection: sqlite3.Connection) -> None:
         # Orders left leased by a crash of this (the only serving) process are due again now.
