@@ -1,8 +1,11 @@
-"""The Redis outbox across real processes: two ``gateway serve`` sharing one Redis and one queue.
+"""The Redis outbox shared by several gateways: two apps in one loop, then two real processes.
 
-A ``gateway sandbox`` process stands in for Manager and goes down (its outage switch); orders
-posted to both gateways meanwhile are answered ``202 queued``; once Manager is back, every one
-arrives exactly once, whichever process's deliverer took it, and its status says ``delivered``.
+In the loop, with a fake clock and the deliverers run by hand: an order queued through one app is
+delivered by the other's deliverer, and one left leased by a process that died is delivered by
+the other once the lease lapses. Then real processes: a ``gateway sandbox`` process stands in for
+Manager and goes down (its outage switch); orders posted to two ``gateway serve`` processes
+meanwhile are answered ``202 queued``; once Manager is back, every one arrives exactly once,
+whichever process's deliverer took it, and its status says ``delivered``.
 """
 
 from __future__ import annotations
@@ -12,16 +15,37 @@ import signal
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import quote
 
 import aiohttp
 import pytest
-from conftest import KEYS, REPO_ROOT, flat_order, free_port, toml_table
+from aiohttp.test_utils import TestServer
+from conftest import (
+    ENVIRON,
+    KEYS,
+    ORDER_PATH,
+    REPO_ROOT,
+    Client,
+    FakeTime,
+    base_url_of,
+    flat_order,
+    free_port,
+    gateway_toml,
+    post_order,
+    toml_table,
+)
+from pytest_aiohttp import AiohttpClient
 from test_workers import STOP_S, child_env, serving, status_of, wait_for
 
+from gateway.app import Seams, create_app
+from gateway.config import Config, parse_config
+from gateway.gateway import GATEWAY_KEY, Gateway
+from gateway.outbox.redis import RedisOutbox
 from gateway.outbox.sealing import new_key
+from gateway.sandbox import Fault, SandboxState
 
 ORDERS: Final = 12
 DELIVERY_S: Final = 10.0  # retries every 0.2–0.5 s once Manager is back: far less than this
@@ -30,6 +54,100 @@ OUTBOX_TOML: Final = "\n" + toml_table(
     "outbox",
     {"enabled": True, "key_env": OUTBOX_KEY_ENV, "retry_min_s": 0.2, "retry_max_s": 0.5},
 )
+
+
+# --- two apps in one loop ---------------------------------------------------------------------
+
+
+def redis_outbox_config(sandbox_url: str, redis_url: str) -> Config:
+    text = gateway_toml(sandbox_url, server={"admin_port": 0}, manager={"retries": 0})
+    text += "\n" + toml_table("state", {"backend": "redis"}) + OUTBOX_TOML
+    environ = {**ENVIRON, "REDIS_URL": redis_url, OUTBOX_KEY_ENV: new_key()}
+    return parse_config(text, environ=environ)
+
+
+@dataclass
+class App:
+    client: Client
+    gateway: Gateway
+
+    async def deliver(self) -> int:
+        """One round of this app's deliverer: how many orders it took."""
+        outbox = self.gateway.outbox
+        assert outbox is not None
+        return await outbox.run_once(self.gateway.runtime.targets, self.gateway.manager)
+
+    async def status(self, reference: str) -> Any:
+        path = f"{ORDER_PATH}/{quote(reference, safe='')}"
+        async with self.client.get(path, headers={"apikey": KEYS["acme"]}) as response:
+            assert response.status == 200
+            return await response.json()
+
+
+@pytest.fixture
+async def two_apps(
+    aiohttp_client: AiohttpClient, sandbox: TestServer, fake_time: FakeTime, redis_url: str
+) -> list[App]:
+    config = redis_outbox_config(base_url_of(sandbox), redis_url)
+    apps = []
+    for _ in range(2):
+        seams = Seams(clock=fake_time.clock, sleep=fake_time.sleep, deliverer_poll_s=None)
+        client = await aiohttp_client(create_app(config, seams))
+        apps.append(App(client, client.server.app[GATEWAY_KEY]))
+    return apps
+
+
+async def queue_during_outage(app: App, state: SandboxState, reference: str) -> None:
+    state.outage = Fault(503)
+    reply = await post_order(app.client, flat_order(external_reference=reference))
+    assert reply.status == 202, reply.body
+    state.outage = None
+
+
+def test_the_redis_outbox_is_the_state_store_too(two_apps: list[App]) -> None:
+    for app in two_apps:
+        outbox = app.gateway.outbox
+        assert outbox is not None and isinstance(outbox.store, RedisOutbox)
+        assert app.gateway.state is outbox.store
+
+
+async def test_an_order_queued_through_one_app_is_delivered_by_the_others_deliverer(
+    two_apps: list[App], sandbox_state: SandboxState, fake_time: FakeTime
+) -> None:
+    first, second = two_apps
+    await queue_during_outage(first, sandbox_state, "SHARED-1")
+    fake_time.now += 1  # past the retry time (retry_min_s 0.2, at most 0.5)
+
+    assert await second.deliver() == 1
+    assert await first.deliver() == 0
+
+    assert [r["envelope"]["external_reference"] for r in sandbox_state.received] == ["SHARED-1"]
+    status = await first.status("SHARED-1")
+    assert (status["status"], status["attempts"]) == ("delivered", 2)
+
+
+async def test_an_order_left_leased_by_a_dead_process_is_sent_once_its_lease_lapses(
+    two_apps: list[App], sandbox_state: SandboxState, fake_time: FakeTime
+) -> None:
+    first, second = two_apps
+    await queue_during_outage(first, sandbox_state, "ORPHAN-1")
+    fake_time.now += 1
+    lease_s = first.gateway.manager.timeout_s + 30  # the deliverer's lease
+    outbox = first.gateway.outbox
+    assert outbox is not None
+    # The first process's deliverer takes the order, then is killed before it sends it.
+    assert len(await outbox.store.take_due(fake_time.now, lease_s, 16)) == 1
+
+    fake_time.now += lease_s - 1
+    assert await second.deliver() == 0
+    fake_time.now += 1
+    assert await second.deliver() == 1
+
+    assert len(sandbox_state.received) == 1
+    assert (await second.status("ORPHAN-1"))["status"] == "delivered"
+
+
+# --- real processes ---------------------------------------------------------------------------
 
 
 @pytest.fixture
