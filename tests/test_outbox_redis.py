@@ -11,8 +11,10 @@ whichever process's deliverer took it, and its status says ``delivered``.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sys
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -41,8 +43,10 @@ from pytest_aiohttp import AiohttpClient
 from test_workers import STOP_S, child_env, serving, status_of, wait_for
 
 from gateway.app import Seams, create_app
+from gateway.cli import main
 from gateway.config import Config, parse_config
 from gateway.gateway import GATEWAY_KEY, Gateway
+from gateway.outbox import NewOrder, OrderStatus, Remember, Settlement
 from gateway.outbox.redis import RedisOutbox
 from gateway.outbox.sealing import new_key
 from gateway.sandbox import Fault, SandboxState
@@ -59,11 +63,15 @@ OUTBOX_TOML: Final = "\n" + toml_table(
 # --- two apps in one loop ---------------------------------------------------------------------
 
 
-def redis_outbox_config(sandbox_url: str, redis_url: str) -> Config:
+def redis_outbox_toml(sandbox_url: str) -> str:
+    """The test configuration with state and outbox in Redis (``$REDIS_URL``)."""
     text = gateway_toml(sandbox_url, server={"admin_port": 0}, manager={"retries": 0})
-    text += "\n" + toml_table("state", {"backend": "redis"}) + OUTBOX_TOML
+    return text + "\n" + toml_table("state", {"backend": "redis"}) + OUTBOX_TOML
+
+
+def redis_outbox_config(sandbox_url: str, redis_url: str) -> Config:
     environ = {**ENVIRON, "REDIS_URL": redis_url, OUTBOX_KEY_ENV: new_key()}
-    return parse_config(text, environ=environ)
+    return parse_config(redis_outbox_toml(sandbox_url), environ=environ)
 
 
 @dataclass
@@ -145,6 +153,46 @@ async def test_an_order_left_leased_by_a_dead_process_is_sent_once_its_lease_lap
 
     assert len(sandbox_state.received) == 1
     assert (await second.status("ORPHAN-1"))["status"] == "delivered"
+
+
+async def test_the_outbox_commands_read_and_change_the_redis_outbox(
+    tmp_path: Path,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(redis_outbox_toml("http://127.0.0.1:9"), encoding="utf-8")
+    monkeypatch.delenv("GATEWAY_CONFIG", raising=False)
+    environ = {**ENVIRON, "REDIS_URL": redis_url, OUTBOX_KEY_ENV: new_key()}
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    store = RedisOutbox(redis_url)
+    now = time.time()
+    for reference in ("Q-1", "F-1"):
+        order = NewOrder("acme", reference, "demo-org", b"sealed", now - 60, now, now + 3600)
+        await store.put(order, Remember(f"key-{reference}", "fp", None, 0))
+    await store.settle("acme", "F-1", Settlement(OrderStatus.FAILED, now, attempted=False))
+
+    async def run(*argv: str) -> int:
+        return await asyncio.to_thread(main, ["outbox", *argv, "--config", str(path)])
+
+    try:
+        assert await run("list", "--json") == 0
+        listed = json.loads(capsys.readouterr().out)
+        assert {(d["external_reference"], d["status"]) for d in listed} == {
+            ("Q-1", "queued"),
+            ("F-1", "failed"),
+        }
+        assert await run("retry", "--partner", "acme", "F-1") == 0
+        assert await run("drop", "--partner", "acme", "Q-1") == 0
+        assert await run("drop", "--partner", "acme", "Q-1") == 1  # nothing left to drop
+
+        retried, dropped = await store.get("acme", "F-1"), await store.get("acme", "Q-1")
+        assert retried is not None and retried.status is OrderStatus.QUEUED
+        assert dropped is not None and dropped.status is OrderStatus.DROPPED
+    finally:
+        await store.close()
 
 
 # --- real processes ---------------------------------------------------------------------------
