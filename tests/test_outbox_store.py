@@ -255,7 +255,21 @@ async def test_attempts_add_up_and_an_unattempted_result_does_not_count(
     entry = await store.settle("acme", "TM-1", undeliverable)
 
     assert entry is not None and entry.attempts == 2
-    assert entry.last_error is None  # set by each result, not kept from the last one
+
+
+async def test_the_last_error_stays_until_another_one_or_a_delivery(store: OutboxStore) -> None:
+    await put(store)
+    await store.settle("acme", "TM-1", retry_at(T0 + 1, T0 + 2, "upstream_timeout"))
+    await store.settle("acme", "TM-1", retry_at(T0 + 2, T0 + 3, "upstream_unavailable"))
+
+    failed = await store.settle(
+        "acme", "TM-1", Settlement(OrderStatus.FAILED, T0 + 3, attempted=False)
+    )
+    assert failed is not None and failed.last_error == "upstream_unavailable"  # still says why
+
+    await store.requeue("acme", "TM-1", T0 + 4, T0 + 5000)
+    done = await store.settle("acme", "TM-1", delivered(T0 + 5))
+    assert done is not None and done.last_error is None
 
 
 async def test_failed_keeps_the_body_and_is_not_due(backend: Backend) -> None:

@@ -119,10 +119,11 @@ end
 if new == 'delivered' or new == 'rejected' or new == 'dropped' then
   redis.call('HDEL', KEYS[1], 'body')
 end
+-- No error given: a failed order still says why; a delivered one has none.
 local last_error = opt(ARGV[6])
 if last_error then
   redis.call('HSET', KEYS[1], 'last_error', last_error)
-else
+elseif new == 'delivered' then
   redis.call('HDEL', KEYS[1], 'last_error')
 end
 local order_request_id, manager_status = opt(ARGV[7]), opt(ARGV[8])
