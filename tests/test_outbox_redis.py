@@ -32,6 +32,7 @@ from conftest import (
     REPO_ROOT,
     Client,
     FakeTime,
+    assert_error,
     base_url_of,
     flat_order,
     free_port,
@@ -153,6 +154,24 @@ async def test_an_order_left_leased_by_a_dead_process_is_sent_once_its_lease_lap
 
     assert len(sandbox_state.received) == 1
     assert (await second.status("ORPHAN-1"))["status"] == "delivered"
+
+
+async def test_an_app_with_other_keys_than_the_fleets_is_not_ready_and_stores_nothing(
+    aiohttp_client: AiohttpClient, sandbox: TestServer, fake_time: FakeTime, redis_url: str
+) -> None:
+    clients = []
+    for _ in range(2):  # each with a key of its own: the second one is wrong
+        config = redis_outbox_config(base_url_of(sandbox), redis_url)
+        seams = Seams(clock=fake_time.clock, sleep=fake_time.sleep, deliverer_poll_s=None)
+        clients.append(await aiohttp_client(create_app(config, seams)))
+    first, wrong = clients
+
+    for client, expected in ((first, 200), (wrong, 503)):
+        async with client.get("/readyz") as response:
+            assert response.status == expected
+    reply = await post_order(wrong, flat_order(external_reference="WRONG-KEY-1"))
+    assert_error(reply, 503, "state_unavailable")
+    assert (await post_order(first, flat_order(external_reference="RIGHT-KEY-1"))).status == 200
 
 
 async def test_the_outbox_commands_read_and_change_the_redis_outbox(

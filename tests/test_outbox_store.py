@@ -632,6 +632,59 @@ async def test_purge_goes_on_in_batches_until_nothing_old_is_left(
         await store.close()
 
 
+async def open_redis(url: str, keys: list[SecretStr], *, owner: bool = True) -> RedisOutbox:
+    store = RedisOutbox(url, keys=keys, owner=owner)
+    await store.open()
+    return store
+
+
+async def test_replicas_with_the_keys_or_after_a_rotation_open_the_redis_outbox(
+    redis_url: str,
+) -> None:
+    old, new = SecretStr(new_key()), SecretStr(new_key())
+    problems = []
+    for keys in ([old], [old], [new, old], [new]):  # the README's rotation, replica by replica
+        store = await open_redis(redis_url, keys)
+        problems.append(store.problem)
+        await store.close()
+
+    assert problems == [None, None, None, None]
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        assert await client.scard(f"{NAMESPACE}:outbox:canaries") == 2  # one per first key
+    finally:
+        await client.aclose()
+
+
+async def test_a_replica_with_a_wrong_key_refuses_every_call(redis_url: str) -> None:
+    first = await open_redis(redis_url, [SecretStr(new_key())])
+    wrong = await open_redis(redis_url, [SecretStr(new_key())])
+    try:
+        assert first.problem is None and await first.ping()
+        assert wrong.problem is not None and "other keys" in wrong.problem
+        assert not await wrong.ping()
+        with pytest.raises(StateUnavailableError):
+            await wrong.put(new_order(), remember())
+        with pytest.raises(StateUnavailableError):
+            await wrong.claim(build_key("acme", "TM-1"), FP, 60)
+        await first.put(new_order(), remember())  # the others go on
+    finally:
+        await first.close()
+        await wrong.close()
+
+
+async def test_the_cli_leaves_no_canary_and_a_down_redis_skips_the_check(redis_url: str) -> None:
+    reader = await open_redis(redis_url, [SecretStr(new_key())], owner=False)
+    unreachable = await open_redis(f"redis://127.0.0.1:{free_port()}/0", [SecretStr(new_key())])
+    try:
+        assert await all_keys(redis_url) == []
+        assert reader.problem is None
+        assert unreachable.problem is None  # Redis down is answered per call, not for good
+    finally:
+        await reader.close()
+        await unreachable.close()
+
+
 async def test_every_call_says_state_unavailable_while_redis_is_unreachable() -> None:
     store = RedisOutbox(f"redis://127.0.0.1:{free_port()}/0")
     calls: list[Callable[[], Awaitable[object]]] = [

@@ -5,15 +5,23 @@ sorted set scored by their next attempt time, and ``take_due`` re-scores what it
 of its lease in the same script, so one deliverer sends each order and a lapsed lease (a killed
 process) makes it due again. Per-status sorted sets (scored by last update) answer counts, lists
 and purges without a scan. Needs one Redis (not a cluster): scripts reach keys they find in sets.
+
+``open`` checks the configured keys against canaries sealed by the replicas before (one per first
+key): a replica with a wrong key refuses orders rather than seal what the others cannot open.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
-from typing import Any, Final
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, TypeVar
 
+from pydantic import SecretStr
+from redis.exceptions import RedisError
+
+from gateway.errors import StateUnavailableError
+from gateway.observability import log_event
 from gateway.outbox import (
     DueOrder,
     LedgerEntry,
@@ -24,9 +32,12 @@ from gateway.outbox import (
     Remember,
     Settlement,
 )
+from gateway.outbox.sealing import Sealer, SealError
 from gateway.state.redis import NAMESPACE, RedisStore
 
 PURGE_BATCH: Final = 500  # orders forgotten per script call: Redis serves others in between
+CANARY: Final = b"telemed-gateway outbox"
+T = TypeVar("T")
 
 _FIELDS: Final = (
     "partner", "reference", "org_id", "status", "attempts", "created_at", "updated_at",
@@ -229,8 +240,21 @@ class RedisOutbox(RedisStore):
     write the record in the same script as the order. Durable as far as Redis is (AOF).
     """
 
-    def __init__(self, url: str, *, namespace: str = NAMESPACE) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        keys: Sequence[SecretStr] = (),
+        owner: bool = True,
+        namespace: str = NAMESPACE,
+    ) -> None:
+        """``keys``: the outbox keys, checked by :meth:`open`. ``owner``: a serving process,
+        which leaves a canary of its first key (the CLI does not)."""
         super().__init__(url, namespace=namespace)
+        self._keys = tuple(keys)
+        self._owner = owner
+        self._canaries = self.key("outbox", "canaries")
+        self.problem: str | None = None
         self._prefix = self.key("outbox", "order", "")
         self._due = self.key("outbox", "due")
         self._queued_since = self.key("outbox", "queued-since")
@@ -241,7 +265,40 @@ class RedisOutbox(RedisStore):
         self._take_due, self._list = register(_TAKE_DUE), register(_LIST)
         self._purge = register(_PURGE)
 
-    def _keys(self, partner: str, reference: str, remember: Remember | None = None) -> list[str]:
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Check that the configured keys open a canary left by the replicas before.
+
+        None of them opens one: the store stays unavailable (every call answers
+        :class:`StateUnavailableError`, ``ping`` is False). Redis down now: no check.
+        """
+        if not self._keys:
+            return
+        try:
+            found = await self.client.smembers(self._canaries)
+            canaries = [c if isinstance(c, bytes) else c.encode() for c in found]
+            if canaries and not any(_opens(Sealer(self._keys), c) for c in canaries):
+                self.problem = "the outbox in Redis was sealed with other keys: put them back"
+                log_event(50, "outbox_unavailable", reason=self.problem)
+                return
+            first = Sealer(self._keys[:1])
+            if self._owner and not any(_opens(first, canary) for canary in canaries):
+                await self.client.sadd(self._canaries, first.seal(CANARY))
+        except (RedisError, OSError):
+            log_event(30, "outbox_key_check_skipped", reason="Redis does not answer")
+
+    async def ping(self) -> bool:
+        return self.problem is None and await super().ping()
+
+    async def _guard(self, call: Callable[[], Awaitable[T]]) -> T:
+        if self.problem is not None:
+            raise StateUnavailableError("The order store is unavailable; nothing was forwarded.")
+        return await super()._guard(call)
+
+    # --- the outbox --------------------------------------------------------------------------
+
+    def _keys_of(self, partner: str, reference: str, remember: Remember | None = None) -> list[str]:
         keys = [
             self._prefix + build_member(partner, reference),
             self._due,
@@ -258,7 +315,7 @@ class RedisOutbox(RedisStore):
             order.org_id, order.sealed, _time(order.now), _time(order.lease_until),
             _time(order.expires_at), *_remember_args(remember),
         ]  # fmt: skip
-        await self.call(self._put, self._keys(order.partner, order.reference, remember), args)
+        await self.call(self._put, self._keys_of(order.partner, order.reference, remember), args)
 
     async def take_due(self, now: float, lease_s: float, limit: int) -> list[DueOrder]:
         args = [_time(now), _time(now + lease_s), limit, self._prefix]
@@ -281,7 +338,7 @@ class RedisOutbox(RedisStore):
             _optional(None if event is None else dump_event(event)),
             *_remember_args(remember),
         ]  # fmt: skip
-        row = await self.call(self._settle, self._keys(partner, reference, remember), args)
+        row = await self.call(self._settle, self._keys_of(partner, reference, remember), args)
         return None if row is None else _to_entry(row)
 
     async def get(self, partner: str, reference: str) -> LedgerEntry | None:
@@ -298,11 +355,11 @@ class RedisOutbox(RedisStore):
 
     async def requeue(self, partner: str, reference: str, now: float, expires_at: float) -> bool:
         args = [build_member(partner, reference), _time(now), _time(expires_at)]
-        return bool(await self.call(self._requeue, self._keys(partner, reference), args))
+        return bool(await self.call(self._requeue, self._keys_of(partner, reference), args))
 
     async def drop(self, partner: str, reference: str, now: float) -> bool:
         args = [build_member(partner, reference), _time(now)]
-        return bool(await self.call(self._drop, self._keys(partner, reference), args))
+        return bool(await self.call(self._drop, self._keys_of(partner, reference), args))
 
     async def stats(self) -> OutboxStats:
         async def read() -> list[Any]:
@@ -336,6 +393,13 @@ class RedisOutbox(RedisStore):
             total += purged
             if purged < PURGE_BATCH:
                 return total
+
+
+def _opens(sealer: Sealer, canary: bytes) -> bool:
+    try:
+        return sealer.open(canary) == CANARY
+    except SealError:
+        return False
 
 
 def build_member(partner: str, reference: str) -> str:
