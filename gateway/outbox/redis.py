@@ -145,7 +145,7 @@ class RedisOutbox(RedisStore):
             int(settlement.attempted), _time(settlement.next_attempt_at or settlement.now),
             _optional(settlement.last_error), _optional(settlement.order_request_id),
             _optional(settlement.manager_status),
-            _optional(None if event is None else dump_event(event)),
+            _optional(None if event is None else _dump_event(event)),
             *_remember_args(remember),
         ]  # fmt: skip
         row = await self.call(self._settle, self._keys_of(partner, reference, remember), args)
@@ -219,7 +219,7 @@ def build_member(partner: str, reference: str) -> str:
     return f"{partner}:{digest}"
 
 
-def dump_event(event: LedgerEvent) -> str:
+def _dump_event(event: LedgerEvent) -> str:
     return json.dumps({"type": event.type, "status": event.status, "at": event.at})
 
 
