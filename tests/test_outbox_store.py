@@ -244,6 +244,15 @@ async def test_queued_reschedules_the_order_and_counts_the_attempt(backend: Back
     assert due.attempts == 1
 
 
+async def test_a_queued_result_without_a_time_is_due_at_once(store: OutboxStore) -> None:
+    await put(store)
+
+    await store.settle("acme", "TM-1", Settlement(OrderStatus.QUEUED, T0 + 1))
+
+    assert await store.take_due(T0 + 0.9, 60, 10) == []
+    assert references(await store.take_due(T0 + 1, 60, 10)) == ["TM-1"]
+
+
 async def test_attempts_add_up_and_an_unattempted_result_does_not_count(
     store: OutboxStore,
 ) -> None:
