@@ -617,12 +617,18 @@ def make_console(
     app and its admin app; ``token=False``: no operator token (read-only console)."""
 
     async def make(
-        *, token: bool = True, outbox: bool = True, max_age_hours: float = 1
+        *,
+        token: bool = True,
+        outbox: bool = True,
+        max_age_hours: float = 1,
+        redis_url: str | None = None,
     ) -> ConsoleHarness:
         server: dict[str, TomlValue] = {"admin_port": 9091}
         if token:
             server["admin_token_env"] = "TEST_ADMIN_TOKEN"
         text = gateway_toml(base_url_of(sandbox), server=server, manager={"retries": 0})
+        if redis_url is not None:  # the outbox (and all state) in Redis
+            text += toml_table("state", {"backend": "redis", "redis_url_env": "TEST_REDIS_URL"})
         if outbox:
             text += toml_table(
                 "outbox",
@@ -634,7 +640,12 @@ def make_console(
                     "retry_min_s": 1,
                 },
             )
-        environ = {**ENVIRON, "TEST_ADMIN_TOKEN": ADMIN_TOKEN, "TEST_OUTBOX_KEY": OUTBOX_KEY}
+        environ = {
+            **ENVIRON,
+            "TEST_ADMIN_TOKEN": ADMIN_TOKEN,
+            "TEST_OUTBOX_KEY": OUTBOX_KEY,
+            "TEST_REDIS_URL": redis_url or "",
+        }
         config = parse_config(text, environ=environ)
         seams = Seams(
             clock=fake_time.clock, sleep=fake_time.sleep, rand=lambda: 0.5, deliverer_poll_s=None

@@ -389,3 +389,22 @@ async def test_recent_requests_are_the_request_logs_fields_newest_first_at_most_
     assert "unauthorized" in rows[0] and "401" in rows[0]
     assert "TM-054" in rows[1] and "req-054" in rows[1] and ">200<" in rows[1]
     assert "TM-004" not in table  # pushed out of the ring buffer
+
+
+async def test_the_console_reads_and_acts_on_an_outbox_kept_in_redis(
+    make_console: MakeConsole, sandbox_state: SandboxState, fake_time: FakeTime, redis_url: str
+) -> None:
+    harness = await make_console(redis_url=redis_url)
+    await fail_order(harness, sandbox_state, fake_time, "TM-REDIS")
+    await harness.log_in()
+    _, html, _ = await get_page(harness)
+    assert "redis: reachable" in html
+    failed = html.split('id="failed"', 1)[1].split('id="latest"', 1)[0]
+    assert re.search(r"TM-REDIS</td><td>acme</td><td[^>]*>failed</td>", failed)
+    response = await post_action(
+        harness, "/console/outbox/retry", "TM-REDIS", await csrf_of(harness)
+    )
+    assert response.headers["Location"] == "/?notice=retried"
+    await harness.deliver()
+    _, html, _ = await get_page(harness)
+    assert re.search(r"TM-REDIS</td><td>acme</td><td>delivered</td>", html)
