@@ -145,6 +145,10 @@ def _run_one(connection: sqlite3.Connection, operation: Operation) -> tuple[bool
     try:
         value = operation(connection)
     except Exception as exc:  # this operation only: the others in the batch go on
+        if not connection.in_transaction:
+            # SQLite rolled the whole transaction back (a full disk, an I/O error): the
+            # batch fails with this error, which is the one the operator must read.
+            raise
         connection.execute("ROLLBACK TO op")
         connection.execute("RELEASE op")
         return False, exc
