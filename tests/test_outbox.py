@@ -559,3 +559,21 @@ async def test_full_disk_is_reported_as_full_not_as_a_missing_savepoint(
         assert stored == ({"SMALL"} if small is None else set())
     finally:
         await store.close()
+
+
+async def test_old_key_can_be_removed_after_a_rotation_once_no_order_needs_it(
+    tmp_path: Path,
+) -> None:
+    # The canary stayed sealed with the key that created the file: after a rotation done right
+    # (new key first, old key after it), removing the old key made the whole outbox unusable.
+    path, old, new = tmp_path / "outbox.db", SecretStr(new_key()), SecretStr(new_key())
+    for keys in ([old], [new, old], [new]):
+        store = SqliteOutbox(path, Sealer(keys))
+        await store.open()
+        problem = store.problem
+        await store.close()
+        assert problem is None, (keys, problem)
+    wrong = SqliteOutbox(path, Sealer([old]))  # the retired key alone no longer opens it
+    await wrong.open()
+    assert wrong.problem is not None and "another key" in wrong.problem
+    await wrong.close()

@@ -258,6 +258,12 @@ class SqliteOutbox:
             raise OutboxFileError(
                 "the outbox was sealed with another key: put the old key back in outbox keys"
             ) from None
+        if self._owner and not self._sealer.is_current(row[0]):
+            # The keys were rotated: the canary follows the key that seals now, or the old key
+            # could never be removed, even once no order sealed with it is left.
+            connection.execute(
+                "UPDATE meta SET value = ? WHERE name = 'canary'", (self._sealer.seal(CANARY),)
+            )
 
     def _recover(self, connection: sqlite3.Connection) -> None:
         # Orders left leased by a crash of this (the only serving) process are due again now.
