@@ -577,3 +577,40 @@ async def test_old_key_can_be_removed_after_a_rotation_once_no_order_needs_it(
     await wrong.open()
     assert wrong.problem is not None and "another key" in wrong.problem
     await wrong.close()
+
+
+def wal_snapshot(directory: Path) -> dict[str, bytes]:
+    """The database and its WAL as bytes (the -shm is an index SQLite rebuilds from the WAL)."""
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.suffix != ".db-shm"}
+
+
+async def test_wrong_key_after_a_crash_leaves_the_database_and_its_wal_untouched(
+    tmp_path: Path,
+) -> None:
+    # The keys were checked on a read-write connection: closing it, SQLite checkpointed the WAL
+    # that the crash had left into the database file, which a refused open must not change.
+    old, new = SecretStr(new_key()), SecretStr(new_key())
+    live, crashed = tmp_path / "live", tmp_path / "crashed"
+    live.mkdir()
+    crashed.mkdir()
+    store = SqliteOutbox(live / "outbox.db", Sealer([old]))
+    await store.open()
+    for reference in ("C-0", "C-1"):
+        order = NewOrder("acme", reference, DEMO_ORG_ID, b"sealed", 0.0, 0.0, 60.0)
+        await store.put(order, Remember(reference, "f", None, 0))
+    for file in live.iterdir():  # the files as kill -9 leaves them: the orders are in the WAL
+        (crashed / file.name).write_bytes(file.read_bytes())
+    await store.close()
+    before = wal_snapshot(crashed)
+    assert set(before) == {"outbox.db", "outbox.db-wal"}
+
+    wrong = SqliteOutbox(crashed / "outbox.db", Sealer([new]))
+    await wrong.open()
+    await wrong.close()
+
+    assert wrong.problem is not None and "another key" in wrong.problem
+    assert wal_snapshot(crashed) == before
+    rotated = SqliteOutbox(crashed / "outbox.db", Sealer([new, old]))
+    await rotated.open()
+    assert sorted(entry.reference for entry in await rotated.list_entries()) == ["C-0", "C-1"]
+    await rotated.close()
