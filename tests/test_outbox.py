@@ -113,8 +113,10 @@ async def call_sandbox(sandbox: TestServer, method: str, path: str, body: object
         return response.status
 
 
-async def start_outage(sandbox: TestServer) -> None:
-    assert await call_sandbox(sandbox, "POST", "/_sandbox/outage", {"status": 503}) == 201
+async def start_outage(sandbox: TestServer, fault: Mapping[str, object] | None = None) -> None:
+    """Manager answers every call with ``fault`` (default 503) until :func:`end_outage`."""
+    body = fault or {"status": 503}
+    assert await call_sandbox(sandbox, "POST", "/_sandbox/outage", body) == 201
 
 
 async def end_outage(sandbox: TestServer) -> None:
@@ -157,7 +159,13 @@ def assert_queued(reply: Reply, reference: str, *, replayed: bool = False) -> No
 # --- Manager down, then up ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "outage",
+    [{"status": 503}, {"drop": True}, {"status": 429, "retry_after": "1"}],
+    ids=["503", "connection-dropped", "429"],
+)
 async def test_orders_queued_while_manager_is_down_arrive_once_each_when_it_is_back(
+    outage: Mapping[str, object],
     start_outbox_gateway: StartOutboxGateway,
     sandbox: TestServer,
     sandbox_state: SandboxState,
@@ -165,7 +173,7 @@ async def test_orders_queued_while_manager_is_down_arrive_once_each_when_it_is_b
 ) -> None:
     harness = await start_outbox_gateway()
     client = harness.client
-    await start_outage(sandbox)
+    await start_outage(sandbox, outage)
     references = [f"Q-{i}" for i in range(4)]
 
     first = {
@@ -614,3 +622,22 @@ async def test_wrong_key_after_a_crash_leaves_the_database_and_its_wal_untouched
     await rotated.open()
     assert sorted(entry.reference for entry in await rotated.list_entries()) == ["C-0", "C-1"]
     await rotated.close()
+
+
+async def test_location_of_a_reference_with_slash_space_and_umlaut_answers_its_status(
+    start_outbox_gateway: StartOutboxGateway, sandbox: TestServer
+) -> None:
+    client = (await start_outbox_gateway()).client
+    await start_outage(sandbox)
+    reference = "TM/2026 #1 Müller?x=1"
+
+    reply = await post_order(client, flat_order(external_reference=reference))
+
+    assert reply.status == 202
+    location = reply.headers["Location"]
+    assert location.count("/") == 4  # the reference is one segment
+    async with client.get(location, headers={"apikey": KEYS["acme"]}) as response:
+        status = await read_reply(response)
+    assert status.status == 200, status.body
+    assert status.body["external_reference"] == reference
+    assert status.body["status"] == "queued"
