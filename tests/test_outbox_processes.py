@@ -319,7 +319,11 @@ async def assert_refuses_orders_and_keeps_the_file(
     assert refused.body["error"] == "state_unavailable"
     assert (await gateway.order_status("Q-0")).body["error"] == "state_unavailable"
     assert await gateway.readyz() == (503, "state_unavailable")
+    metrics = f"http://127.0.0.1:{gateway.admin_port}/metrics"
+    async with gateway.session.get(metrics) as response:
+        assert response.status == 200  # the operator still sees the gateway's metrics
     (line,) = gateway.events("outbox_unavailable")
+    assert line["level"] == "critical"
     assert reason in line["reason"], line
     assert key not in gateway.log.read_text()
     assert fingerprint(directory) == before
