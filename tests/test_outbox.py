@@ -53,7 +53,7 @@ LATER_S: Final = 3600.0  # past any retry delay and claim lease, well before max
 QUEUED_KEYS: Final = {"status", "external_reference", "message", "request_id"}
 
 
-def outbox_table(path: Path, **overrides: object) -> dict[str, Any]:
+def outbox_table(path: Path) -> dict[str, Any]:
     return {
         "enabled": True,
         "path": str(path),
@@ -61,7 +61,6 @@ def outbox_table(path: Path, **overrides: object) -> dict[str, Any]:
         "retry_min_s": RETRY_MIN_S,
         "retry_max_s": RETRY_MAX_S,
         "max_age_hours": 24,
-        **overrides,
     }
 
 
@@ -124,14 +123,23 @@ async def end_outage(sandbox: TestServer) -> None:
     assert await call_sandbox(sandbox, "DELETE", "/_sandbox/outage") == 204
 
 
+def received(state: SandboxState) -> dict[str, list[Any]]:
+    """What Manager accepted, by reference: one (request, envelope) pair per accepted copy."""
+    found: dict[str, list[Any]] = {}
+    for request in state.received:
+        envelope: Any = request["envelope"]
+        found.setdefault(envelope["external_reference"], []).append((request, envelope))
+    return found
+
+
 def arrived(state: SandboxState) -> list[str]:
-    """The references Manager accepted, in order (one entry per accepted copy)."""
-    return [str(request["envelope"]["external_reference"]) for request in state.received]  # type: ignore[index]
+    """The references Manager accepted (one entry per accepted copy)."""
+    return [ref for ref, copies in received(state).items() for _ in copies]
 
 
 def manager_id_of(state: SandboxState, reference: str) -> object:
-    (found,) = [r["id"] for r in state.received if r["envelope"]["external_reference"] == reference]  # type: ignore[index]
-    return found
+    ((request, _),) = received(state)[reference]
+    return request["id"]
 
 
 def stored_body(path: Path, reference: str) -> bytes | None:
@@ -525,13 +533,8 @@ async def test_outbox_files_hold_no_customer_data_or_pdf_bytes_queued_or_deliver
     assert await deliver_due(harness) == 2
 
     assert sorted(arrived(sandbox_state)) == ["RX-INLINE", "RX-URL"]
-    fetched = [r for r in sandbox_state.received if r["envelope"]["external_reference"] == "RX-URL"]  # type: ignore[index]
-    assert (
-        fetched[0]["envelope"]["payload"]["prescription_pdf_base64"]
-        == base64.b64encode(  # type: ignore[index]
-            FETCHED_PDF
-        ).decode()
-    )
+    ((_, fetched),) = received(sandbox_state)["RX-URL"]
+    assert fetched["payload"]["prescription_pdf_base64"] == base64.b64encode(FETCHED_PDF).decode()
     assert found_in_outbox_files(outbox_path) == []
     await client.close()  # checkpointed into the database file, -wal and -shm gone
     assert found_in_outbox_files(outbox_path) == []
