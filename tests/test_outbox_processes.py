@@ -252,9 +252,11 @@ async def test_kill_9_with_queued_and_in_flight_orders_then_restart_delivers_eac
     ledger = await first.order_status("Q-0")
     assert ledger.body["status"] == "queued" and ledger.body["last_error"] == "upstream_unavailable"
 
-    # Manager now holds every request for a while and then refuses it without keeping it: the
-    # order posted now (and the queued ones the deliverer retries) are in flight at the kill.
-    await sandbox.outage(delay_s=6)
+    # Manager now holds every request for longer than the test runs, then refuses it without
+    # keeping it: the order posted now (and the queued ones the deliverer retries) are in flight
+    # at the kill, and Manager never has a copy of them. That makes the count deterministic:
+    # each order arrives exactly once, from the restarted gateway.
+    await sandbox.outage(delay_s=30)
     before = await sandbox.attempts()
     in_flight = asyncio.create_task(first.post(order("F-1")))
 
