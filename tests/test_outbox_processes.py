@@ -24,9 +24,8 @@ from typing import Any, Final
 
 import aiohttp
 import pytest
-from conftest import KEYS, REPO_ROOT, flat_order, gateway_toml
-from test_state_redis import free_port
-from test_workers import START_S, child_env, terminate, wait_for
+from conftest import KEYS, REPO_ROOT, flat_order, free_port, gateway_toml, toml_table
+from test_workers import START_S, child_env, terminate, wait_for, write_config
 
 from gateway.cli import main
 from gateway.outbox.sealing import new_key
@@ -158,23 +157,11 @@ class Processes:
         """A gateway on ``outbox`` with ``keys`` (comma-separated), once /readyz says ``ready``
         (or, for a file it cannot use, ``state_unavailable``)."""
         port, admin_port = free_port(), free_port()
-        config = self.tmp_path / f"{name}.toml"
-        config.write_text(
-            gateway_toml(
-                manager_url,
-                server={"port": port, "admin_port": admin_port},
-                manager={"retries": 0, "timeout_s": 5},
-                extra={
-                    "outbox": {
-                        "enabled": True,
-                        "path": str(outbox),
-                        "key_env": "TEST_OUTBOX_KEY",
-                        **RETRY,
-                    }
-                },
-            ),
-            encoding="utf-8",
-        )
+        outbox_table = {"enabled": True, "path": str(outbox), "key_env": "TEST_OUTBOX_KEY"}
+        config = write_config(
+            self.tmp_path / f"{name}.toml", manager_url, port=port, admin_port=admin_port,
+            backend="memory", extra=toml_table("outbox", {**outbox_table, **RETRY}),
+        )  # fmt: skip
         env = {**child_env(None), "TEST_OUTBOX_KEY": keys}
         process, log = await self.spawn(name, "serve", "--config", str(config), env=env)
         gateway = Gateway(process, port, admin_port, log, self.session)

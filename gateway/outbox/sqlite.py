@@ -319,7 +319,8 @@ class SqliteOutbox:
                 "WHERE partner = ? AND reference = ?",
                 (
                     status.value, int(settlement.attempted), settlement.now,
-                    settlement.next_attempt_at if status is OrderStatus.QUEUED else None,
+                    (settlement.next_attempt_at or settlement.now)
+                    if status is OrderStatus.QUEUED else None,
                     settlement.last_error, status is OrderStatus.DELIVERED,
                     settlement.order_request_id,
                     settlement.manager_status, _dump_events(events), status in SETTLED,
