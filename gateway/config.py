@@ -311,6 +311,13 @@ class Config(_Section):
                     f"partners.{name}.key_sha256: same key as partners.{seen[partner.key_sha256]}"
                 )
             seen[partner.key_sha256] = name
+        if self.outbox.enabled and self.state.share_tokens:
+            # The outbox in Redis needs Redis to persist (AOF); Manager's tokens must not reach
+            # a disk (Manager's documentation: keep tokens in memory only).
+            raise ValueError(
+                "state.share_tokens: with the outbox on, Redis persists what it holds, and "
+                "Manager's tokens must not reach a disk; set share_tokens = false"
+            )
         used = {p.shop for p in self.partners.values()}
         for name, shop in self.shops.items():
             if name in used and not (shop.manager_key_env or shop.manager_key_file):

@@ -503,6 +503,19 @@ def test_share_tokens_without_redis_is_refused() -> None:
     assert "state" in message and "share_tokens" in message
 
 
+def test_shared_tokens_with_the_outbox_in_redis_are_refused() -> None:
+    text = (
+        MANAGER
+        + '[state]\nbackend = "redis"\nshare_tokens = true\n'
+        + '[outbox]\nenabled = true\nkey_env = "K"\n'
+    )
+    environ = {**ENV, "REDIS_URL": "redis://127.0.0.1:6379/0", "K": new_key()}
+
+    message = config_error(text, environ)
+
+    assert "state.share_tokens" in message and "disk" in message
+
+
 @pytest.mark.parametrize(
     ("section", "line"), [("state", 'backend = "etcd"'), ("logging", 'format = "xml"')]
 )
