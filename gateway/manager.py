@@ -176,7 +176,7 @@ class ManagerClient:
                     return reply
                 return await self._retry(target, body, deadline, reply)
         except TimeoutError:
-            self._metrics.upstream_requests.labels(status="timeout").inc()
+            self._metrics.count_upstream("timeout", self._clock())
             raise UpstreamTimeoutError() from None
 
     async def _try(
@@ -244,7 +244,8 @@ class ManagerClient:
         url = f"{self._config.base_url}/api/{target.api}/public/orgs/{target.org_id}/order-requests"
         started = time.perf_counter()
         reply = await self._post(url, headers, body)
-        self._metrics.count_upstream(reply.status, time.perf_counter() - started)
+        self._metrics.upstream_duration.observe(time.perf_counter() - started)
+        self._metrics.count_upstream(str(reply.status), self._clock())
         bind_log_context(upstream_status=reply.status)
         if token is not None and reply.status == 401:
             await self.tokens.forget(target.org_id, target.key, token)
@@ -293,7 +294,7 @@ class ManagerClient:
         except aiohttp.ClientError as exc:
             if isinstance(exc, TimeoutError):
                 raise  # the token fetch's own deadline: reported by the caller
-            self._metrics.upstream_requests.labels(status="error").inc()
+            self._metrics.count_upstream("error", self._clock())
             raise _Transient(exc.__class__.__name__) from exc
 
     async def _fetch_token(self, org_id: str, key: str) -> Token:

@@ -25,11 +25,11 @@ from gateway.errors import (
 )
 from gateway.observability import (
     Metrics,
+    RequestLog,
     bind_log_context,
     close_log_context,
     current_log_fields,
     log_event,
-    log_request,
     open_log_context,
 )
 
@@ -76,8 +76,11 @@ def to_gateway_error(exc: web.HTTPException) -> GatewayError:
     return PartnerError(exc.reason, status=exc.status, headers=headers)
 
 
-def create_middleware(metrics: Metrics | None) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """The middleware for the partner app (with metrics) or the admin app (``metrics=None``)."""
+def create_middleware(
+    metrics: Metrics | None, request_log: RequestLog | None
+) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """The middleware for the partner app (with metrics and the request log) or the admin app
+    (``metrics=None``: operators' and probes' requests are neither counted nor logged)."""
 
     # One coroutine per request around the handler (no context manager, no inner coroutine):
     # this runs on every request.
@@ -109,7 +112,11 @@ def create_middleware(metrics: Metrics | None) -> Callable[..., Awaitable[web.St
                 # The handler bound the partner (and upstream status) into the log context.
                 partner = str(current_log_fields().get("partner", "unknown"))
                 metrics.count_request(partner, response.status, elapsed)
-                log_request(request.method, request.path, response.status, round(elapsed * 1000, 2))
+                if request_log is not None:
+                    request_log.write(
+                        method=request.method, path=request.path,
+                        status=response.status, duration_ms=round(elapsed * 1000, 2),
+                    )  # fmt: skip
         finally:
             close_log_context(context)
         return response

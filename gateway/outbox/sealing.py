@@ -26,7 +26,9 @@ class Sealer:
         # Imported here: cryptography costs about 10 MiB of memory, paid only with an outbox.
         from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
-        self._fernet: MultiFernet = MultiFernet([Fernet(k.get_secret_value()) for k in keys])
+        fernets = [Fernet(key.get_secret_value()) for key in keys]
+        self._first = fernets[0]
+        self._fernet: MultiFernet = MultiFernet(fernets)
         self._invalid = InvalidToken
 
     def seal(self, data: bytes) -> bytes:
@@ -37,6 +39,14 @@ class Sealer:
             return self._fernet.decrypt(sealed)
         except self._invalid:
             raise SealError("no configured outbox key opens this body") from None
+
+    def is_current(self, sealed: bytes) -> bool:
+        """Whether the first key, the one that seals now, opens ``sealed``."""
+        try:
+            self._first.decrypt(sealed)
+        except self._invalid:
+            return False
+        return True
 
 
 def new_key() -> str:
