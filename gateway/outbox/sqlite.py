@@ -97,9 +97,6 @@ class SqliteOutbox:
         self._pending: dict[str, tuple[str, float]] = {}
         self._buckets = MemoryStore(max_entries=max_rate_buckets)
         self._writer: SqliteWriter | None = None
-        # The event loop's own read-only connection: a claim reads the idempotency record here
-        # (a point lookup in cached pages) instead of waiting for the writer thread's next batch.
-        self._reader: sqlite3.Connection | None = None
         self.problem: str | None = "not opened"
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -120,17 +117,6 @@ class SqliteOutbox:
             return
         self._writer = writer
         self.problem = None
-        self._reader = self._open_reader()
-
-    def _open_reader(self) -> sqlite3.Connection | None:
-        """The loop's read-only connection (WAL: readers never wait for the writer). Without
-        a busy timeout: a lock held by a checkpoint sends that read to the writer thread."""
-        try:
-            reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
-        except sqlite3.Error:
-            return None  # the writer thread reads instead
-        reader.execute("PRAGMA query_only = 1")
-        return reader
 
     def _connect(self) -> sqlite3.Connection:
         if not self.path.exists():
@@ -212,9 +198,6 @@ class SqliteOutbox:
         )
 
     async def close(self) -> None:
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            reader.close()
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.stop()
@@ -246,30 +229,17 @@ class SqliteOutbox:
             return Claim(ClaimStatus.IN_PROGRESS if same else ClaimStatus.CONFLICT)
         self._pending[key] = (fingerprint, now + lease_s)  # before the read: no second claimer
         try:
-            row = self._read_here(key, now)
-            if row is _NOT_READ:
-                row = await self._run(lambda c: _read_record(c, key, now), writes=False)
+            row = await self._run(lambda c: _read_record(c, key, now), writes=False)
         except BaseException:
             self._pending.pop(key, None)
             raise
         if row is None:
             return Claim(ClaimStatus.NEW)
         del self._pending[key]
-        assert isinstance(row, tuple)
         stored_fingerprint, reply = row
         if stored_fingerprint != fingerprint:
             return Claim(ClaimStatus.CONFLICT)
         return Claim(ClaimStatus.REPLAY, reply)
-
-    def _read_here(self, key: str, now: float) -> tuple[str, StoredReply] | None | object:
-        """The record read on the loop's connection; ``_NOT_READ`` when that connection cannot
-        read now (none, or locked), and the writer thread should."""
-        if self._reader is None or self._writer is None:
-            return _NOT_READ
-        try:
-            return _read_record(self._reader, key, now)
-        except sqlite3.Error:
-            return _NOT_READ
 
     async def complete(self, key: str, fingerprint: str, reply: StoredReply, ttl_s: float) -> None:
         remember = Remember(key, fingerprint, reply, ttl_s)
@@ -446,9 +416,6 @@ class SqliteOutbox:
             return orders
 
         return await self._run(write)
-
-
-_NOT_READ: Final = object()
 
 
 def _read_canary(connection: sqlite3.Connection) -> bytes:
