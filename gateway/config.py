@@ -81,8 +81,13 @@ class ShopConfig(_Section):
     manager_key_file: str | None = None
     accept_org_keys: bool = False
     api: Literal["v1", "v2"] | None = None
+    # The signing secret of the org's webhook subscription in Manager (section 11).
+    webhook_secret_env: str | None = None
+    webhook_secret_file: str | None = None
     # Filled by load_config from manager_key_env / manager_key_file; never read from the file.
     manager_key: SecretStr | None = Field(default=None, exclude=True)
+    # Filled by load_config from webhook_secret_env / webhook_secret_file.
+    webhook_secret: SecretStr | None = Field(default=None, exclude=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -90,6 +95,10 @@ class ShopConfig(_Section):
         if isinstance(data, dict) and "manager_key" in data:
             raise ValueError(
                 "secrets never live in the file: use manager_key_env or manager_key_file"
+            )
+        if isinstance(data, dict) and "webhook_secret" in data:
+            raise ValueError(
+                "secrets never live in the file: use webhook_secret_env or webhook_secret_file"
             )
         return data
 
@@ -102,6 +111,8 @@ class ShopConfig(_Section):
     def _checks(self) -> ShopConfig:
         if self.manager_key_env and self.manager_key_file:
             raise ValueError("set manager_key_env or manager_key_file, not both")
+        if self.webhook_secret_env and self.webhook_secret_file:
+            raise ValueError("set webhook_secret_env or webhook_secret_file, not both")
         if self.accept_org_keys and not self.hosts:
             raise ValueError("accept_org_keys = true needs hosts")
         return self
@@ -115,6 +126,34 @@ class PartnerConfig(_Section):
     pdf: Literal["fetch", "forward"] = "fetch"
     rate_per_min: int | None = Field(default=None, ge=1)
     require_reference: bool = False
+    # Where the partner hears what became of its orders (section 11), and the whsec_ secret.
+    callback_url: str | None = None
+    callback_secret_env: str | None = None
+    callback_secret_file: str | None = None
+    # Filled by load_config from callback_secret_env / callback_secret_file.
+    callback_secret: SecretStr | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secret(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "callback_secret" in data:
+            raise ValueError(
+                "secrets never live in the file: use callback_secret_env or callback_secret_file"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _callback(self) -> PartnerConfig:
+        if self.callback_secret_env and self.callback_secret_file:
+            raise ValueError("set callback_secret_env or callback_secret_file, not both")
+        if self.callback_url is not None and not (
+            self.callback_secret_env or self.callback_secret_file
+        ):
+            raise ValueError(
+                "callback_url needs callback_secret_env or callback_secret_file "
+                "(see `gateway new-secret webhook`)"
+            )
+        return self
 
     @field_validator("key_sha256")
     @classmethod
@@ -143,6 +182,15 @@ class ProfileConfig(_Section):
         return {"fields": fields, "keep_unmapped": data.get("keep_unmapped", False)}
 
 
+def _parse_networks(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        try:
+            return tuple(ipaddress.ip_network(v, strict=False) for v in value)
+        except ValueError as exc:
+            raise ValueError(f"not a CIDR network: {exc}") from None
+    return value
+
+
 class PdfConfig(_Section):
     max_mb: PositiveFloat = 10
     timeout_s: PositiveFloat = 10
@@ -155,12 +203,7 @@ class PdfConfig(_Section):
     @field_validator("allow_networks", mode="before")
     @classmethod
     def _networks(cls, value: Any) -> Any:
-        if isinstance(value, list | tuple):
-            try:
-                return tuple(ipaddress.ip_network(v, strict=False) for v in value)
-            except ValueError as exc:
-                raise ValueError(f"not a CIDR network: {exc}") from None
-        return value
+        return _parse_networks(value)
 
     @field_validator("allow_hosts")
     @classmethod
@@ -237,6 +280,26 @@ class OutboxConfig(_Section):
         return self.ledger_days * 86400
 
 
+class WebhooksConfig(_Section):
+    """Manager's webhooks in, partner callbacks out (contract section 11); needs the outbox."""
+
+    enabled: bool = False
+    dedupe_hours: PositiveFloat = 72
+    callback_timeout_s: PositiveFloat = 10
+    callback_allow_http: bool = False
+    callback_allow_networks: tuple[IPNetwork, ...] = ()
+    callback_allow_ports: tuple[Annotated[int, Field(ge=1, le=65535)], ...] = ()
+
+    @field_validator("callback_allow_networks", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        return _parse_networks(value)
+
+    @property
+    def dedupe_s(self) -> float:
+        return self.dedupe_hours * 3600
+
+
 class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -254,6 +317,7 @@ class Config(_Section):
     idempotency: IdempotencyConfig = IdempotencyConfig()
     state: StateConfig = StateConfig()
     outbox: OutboxConfig = OutboxConfig()
+    webhooks: WebhooksConfig = WebhooksConfig()
     logging: LoggingConfig = LoggingConfig()
     # sha256 of the file's bytes: which configuration is active (logs, metrics, reload).
     digest: str = Field(default="", exclude=True)
@@ -284,6 +348,18 @@ class Config(_Section):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _webhooks_need_the_outbox(self) -> Config:
+        if self.webhooks.enabled and not self.outbox.enabled:
+            raise ValueError("webhooks.enabled: webhooks need the outbox ([outbox] enabled = true)")
+        for name, partner in self.partners.items():
+            if partner.callback_url is not None and not self.outbox.enabled:
+                raise ValueError(
+                    f"partners.{name}.callback_url: callbacks need the outbox "
+                    "([outbox] enabled = true)"
+                )
+        return self
+
     @property
     def claim_lease_s(self) -> float:
         """Longest a request can hold an order reference: its PDF and upstream deadlines."""
@@ -297,6 +373,12 @@ def resolve_config_path(path: str | None, environ: Mapping[str, str] | None = No
     """``--config PATH``, else ``$GATEWAY_CONFIG``, else ``config/gateway.toml``."""
     env = os.environ if environ is None else environ
     return Path(path or env.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
+
+
+def read_env_secret(name: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """A secret outside the file (the sandbox's webhook secret), or None if unset or empty."""
+    value = (os.environ if environ is None else environ).get(name, "").strip()
+    return value or None
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
@@ -343,9 +425,16 @@ def parse_config(
             )
         state = state.model_copy(update={"redis_url": SecretStr(url)})
     outbox = _with_outbox_keys(config.outbox, environ)
+    partners = {
+        name: _with_callback_secret(name, partner, environ)
+        for name, partner in config.partners.items()
+    }
     return config.model_copy(
-        update={"shops": shops, "digest": digest, "state": state, "outbox": outbox}
-    )
+        update={
+            "shops": shops, "partners": partners, "digest": digest, "state": state,
+            "outbox": outbox,
+        }
+    )  # fmt: skip
 
 
 def _with_outbox_keys(outbox: OutboxConfig, environ: Mapping[str, str]) -> OutboxConfig:
@@ -388,19 +477,70 @@ def _read_secret_file(name: str, path: str) -> str:
     return value
 
 
-def _with_secret(name: str, shop: ShopConfig, environ: Mapping[str, str]) -> ShopConfig:
-    if shop.manager_key_env:
-        value = environ.get(shop.manager_key_env, "")
+def _read_secret(
+    prefix: str, field: str, env: str | None, file: str | None, environ: Mapping[str, str]
+) -> tuple[str, str] | None:
+    """The secret named by ``{field}_env`` or ``{field}_file`` and the key that named it."""
+    if env:
+        value = environ.get(env, "")
         if not value.strip():
             raise ConfigError(
-                f"shops.{name}.manager_key_env: environment variable "
-                f"{shop.manager_key_env} is not set or empty"
+                f"{prefix}.{field}_env: environment variable {env} is not set or empty"
             )
-    elif shop.manager_key_file:
-        value = _read_secret_file(f"shops.{name}.manager_key_file", shop.manager_key_file)
-    else:
-        return shop
-    return shop.model_copy(update={"manager_key": SecretStr(value.strip())})
+        return f"{prefix}.{field}_env", value.strip()
+    if file:
+        name = f"{prefix}.{field}_file"
+        return name, _read_secret_file(name, file).strip()
+    return None
+
+
+def _with_secret(name: str, shop: ShopConfig, environ: Mapping[str, str]) -> ShopConfig:
+    prefix = f"shops.{name}"
+    update: dict[str, SecretStr] = {}
+    key = _read_secret(prefix, "manager_key", shop.manager_key_env, shop.manager_key_file, environ)
+    if key is not None:
+        update["manager_key"] = SecretStr(key[1])
+    webhook = _read_secret(
+        prefix, "webhook_secret", shop.webhook_secret_env, shop.webhook_secret_file, environ
+    )
+    if webhook is not None:
+        update["webhook_secret"] = SecretStr(webhook[1])
+    return shop.model_copy(update=update) if update else shop
+
+
+def _with_callback_secret(
+    name: str, partner: PartnerConfig, environ: Mapping[str, str]
+) -> PartnerConfig:
+    found = _read_secret(
+        f"partners.{name}", "callback_secret", partner.callback_secret_env,
+        partner.callback_secret_file, environ,
+    )  # fmt: skip
+    if found is None:
+        return partner
+    key, value = found
+    if parse_whsec(value) is None:
+        raise ConfigError(
+            f"{key}: not a Standard Webhooks secret (whsec_ and base64; see "
+            "`gateway new-secret webhook`)"
+        )
+    return partner.model_copy(update={"callback_secret": SecretStr(value)})
+
+
+WHSEC_PREFIX: Final = "whsec_"
+MIN_WHSEC_BYTES: Final = 24
+
+
+def parse_whsec(secret: str) -> bytes | None:
+    """The signing key of a ``whsec_…`` Standard Webhooks secret (base64 after the prefix), or
+    None if the text is not one (or its key is shorter than 24 bytes)."""
+    if not secret.startswith(WHSEC_PREFIX):
+        return None
+    encoded = secret[len(WHSEC_PREFIX) :]
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except (ValueError, UnicodeEncodeError):
+        return None
+    return key if len(key) >= MIN_WHSEC_BYTES else None
 
 
 def describe_validation_error(exc: ValidationError) -> str:
