@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from gateway.auth import hash_key
-from gateway.config import Config, load_config, resolve_config_path
+from gateway.config import Config, load_config, read_env_secret, resolve_config_path
 from gateway.errors import ConfigError, GatewayError
 from gateway.intake import parse_json_object
 from gateway.observability import setup_logging
@@ -24,6 +24,7 @@ EXIT_INVALID: Final = 1
 EXIT_CONFIG: Final = 2
 EXIT_FAILED: Final = 1
 DEFAULT_SANDBOX_PORT: Final = 8090
+SANDBOX_SECRET_ENV: Final = "SANDBOX_WEBHOOK_SECRET"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox = commands.add_parser("sandbox", help="run the local Manager stand-in")
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--port", type=int, default=DEFAULT_SANDBOX_PORT)
+    sandbox.add_argument(
+        "--webhook-url", help=f"send signed webhooks there (secret from ${SANDBOX_SECRET_ENV})"
+    )
     return parser
 
 
@@ -193,7 +197,17 @@ def _hash_key(args: argparse.Namespace) -> int:
 
 
 def _sandbox(args: argparse.Namespace) -> int:
-    from gateway.sandbox import run_sandbox
+    from gateway.sandbox import WebhookSink, run_sandbox
 
-    run_sandbox(args.host, args.port)
+    sink = None
+    if args.webhook_url:
+        secret = read_env_secret(SANDBOX_SECRET_ENV)
+        if secret is None:
+            print(
+                f"gateway: --webhook-url needs the signing secret in ${SANDBOX_SECRET_ENV}",
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
+        sink = WebhookSink(args.webhook_url, secret.encode())
+    run_sandbox(args.host, args.port, sink)
     return EXIT_OK

@@ -231,6 +231,13 @@ class Metrics:
             ["result"], registry=r,
         )  # fmt: skip
 
+        self.webhooks_received = Counter(
+            "gateway_webhooks_received", "Manager webhooks by result.", ["result"], registry=r
+        )
+        self.callbacks = Counter(
+            "gateway_callbacks", "Partner callback attempts by result.", ["result"], registry=r
+        )
+
     def render(self) -> bytes:
         """The text exposition: this process's metrics, or all workers' when there are several."""
         if self.multiprocess_dir is None:
