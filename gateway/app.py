@@ -19,8 +19,8 @@ from gateway.manager import USER_AGENT, ManagerClient
 from gateway.middleware import create_middleware
 from gateway.observability import Metrics, log_event
 from gateway.outbox.deliverer import Outbox
+from gateway.outbox.factory import create_outbox_store, open_outbox_store
 from gateway.outbox.sealing import Sealer
-from gateway.outbox.sqlite import SqliteOutbox
 from gateway.pdf import PdfFetcher
 from gateway.routes import add_admin_routes, add_order_routes
 from gateway.runtime import build_runtime
@@ -51,16 +51,19 @@ class Seams:
 def create_gateway(config: Config, seams: Seams | None = None) -> Gateway:
     """The shared state for both apps (compiles the configuration)."""
     seams = seams or Seams()
-    store = create_store(config, seams)
-    gateway = Gateway(runtime=build_runtime(config), state=store, metrics=seams.metrics)
+    runtime = build_runtime(config)
     if config.outbox.enabled:
-        assert isinstance(store, SqliteOutbox)  # the only OutboxStore so far
+        # The outbox's store is also the state store: idempotency records survive a restart.
+        outbox_store = create_outbox_store(
+            config, clock=seams.clock, max_pages=seams.outbox_max_pages
+        )
+        gateway = Gateway(runtime=runtime, state=outbox_store, metrics=seams.metrics)
         gateway.outbox = Outbox(
-            store, Sealer(config.outbox.keys), config.outbox,
+            outbox_store, Sealer(config.outbox.keys), config.outbox,
             metrics=seams.metrics, clock=seams.clock, rand=seams.rand,
         )  # fmt: skip
         callbacks = Callbacks(
-            store, config.outbox, config.webhooks, metrics=seams.metrics,
+            outbox_store, config.outbox, config.webhooks, metrics=seams.metrics,
             clock=seams.clock, rand=seams.rand, resolver_inner=seams.callback_resolver,
         )  # fmt: skip
         gateway.callbacks = callbacks
@@ -68,20 +71,14 @@ def create_gateway(config: Config, seams: Seams | None = None) -> Gateway:
         gateway.outbox.on_settled = lambda entry: callbacks.enqueue_settled(
             entry, gateway.runtime.callbacks
         )
+    else:
+        gateway = Gateway(runtime=runtime, state=create_store(config, seams), metrics=seams.metrics)
     gateway.metrics.set_config(config.digest)
     return gateway
 
 
 def create_store(config: Config, seams: Seams) -> StateStore:
-    """The configured state backend: this process's memory (or the outbox's SQLite file when
-    the outbox is on), or Redis shared by all."""
-    if config.outbox.enabled and config.state.backend == "memory":
-        return SqliteOutbox(
-            config.outbox.path,
-            Sealer(config.outbox.keys),
-            clock=seams.clock,
-            max_pages=seams.outbox_max_pages,
-        )
+    """The configured state backend without the outbox: this process's memory, or Redis."""
     if config.state.backend == "redis":
         from gateway.state.redis import RedisStore  # only then: redis-py costs memory and start-up
 
@@ -176,8 +173,7 @@ async def _start_outbox(gateway: Gateway, seams: Seams) -> asyncio.Task[None] | 
     outbox = gateway.outbox
     if outbox is None:
         return None
-    if isinstance(outbox.store, SqliteOutbox):
-        await outbox.store.open()
+    await open_outbox_store(outbox.store)  # a store that cannot be used says so in the log
     if seams.deliverer_poll_s is None:
         return None
     poll_s = min(seams.deliverer_poll_s, outbox.config.retry_min_s)

@@ -14,6 +14,7 @@ import pytest
 
 from gateway.config import load_config, parse_config, resolve_config_path
 from gateway.errors import ConfigError
+from gateway.outbox.sealing import new_key
 
 REPO = Path(__file__).resolve().parent.parent
 HASH_A = "a" * 64
@@ -569,7 +570,8 @@ def test_example_config_without_its_variable_names_it() -> None:
 
 
 def test_demo_config_loads_and_its_documented_keys_match_the_hashes() -> None:
-    config = load_config(REPO / "config" / "demo.toml", environ={"DEMO_ORG_KEY": "demo"})
+    environ = {"DEMO_ORG_KEY": "demo", "OUTBOX_KEY": new_key()}
+    config = load_config(REPO / "config" / "demo.toml", environ=environ)
 
     # demo.toml's header documents the partners' keys; `make demo` prints curl lines with them.
     hashes = {name: partner.key_sha256 for name, partner in config.partners.items()}
@@ -579,3 +581,4 @@ def test_demo_config_loads_and_its_documented_keys_match_the_hashes() -> None:
     }
     assert config.manager.base_url == "http://127.0.0.1:8090"
     assert ipaddress.ip_network("127.0.0.0/8") in config.pdf.allow_networks
+    assert config.outbox.enabled and len(config.outbox.keys) == 1  # the demo shows the outbox
