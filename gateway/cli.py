@@ -204,13 +204,20 @@ def _check_config(args: argparse.Namespace) -> int:
     for name, partner in config.partners.items():
         profile = f", profile {partner.profile}" if partner.profile else ""
         rate = f", {partner.rate_per_min}/min" if partner.rate_per_min else ""
-        print(f"partner {name}: shop {partner.shop}, pdf {partner.pdf}{profile}{rate}")
+        callback = ", callbacks on" if partner.callback_url else ""
+        print(f"partner {name}: shop {partner.shop}, pdf {partner.pdf}{profile}{rate}{callback}")
     outbox = config.outbox
     if outbox.enabled:
         where = "redis" if config.state.backend == "redis" else outbox.path
         print(
             f"outbox: {where}, {len(outbox.keys)} key(s), max age {outbox.max_age_hours:g} h, "
             f"retries {outbox.retry_min_s:g}-{outbox.retry_max_s:g} s"
+        )
+    if config.webhooks.enabled:
+        subscribed = [name for name, shop in config.shops.items() if shop.webhook_secret]
+        print(
+            "webhooks: POST /webhooks/pharmaone, subscribed shops: "
+            f"{', '.join(subscribed) or 'none'}"
         )
     return EXIT_OK
 

@@ -139,7 +139,9 @@ def build_callback_targets(config: Config) -> dict[str, CallbackTarget]:
         try:
             check_url(partner.callback_url, policy)
         except EgressRefusedError as exc:
-            raise ConfigError(f"partners.{name}.callback_url: {exc.reason}") from None
+            allowable = "allowed" in exc.reason or "address" in exc.reason
+            hint = " (or set webhooks.callback_allow_*)" if allowable else ""
+            raise ConfigError(f"partners.{name}.callback_url: {exc.reason}{hint}") from None
         assert partner.callback_secret is not None  # config: a callback_url needs its secret
         key = parse_whsec(partner.callback_secret.get_secret_value())
         assert key is not None  # config checked the secret's form

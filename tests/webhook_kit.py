@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from conftest import TomlValue, toml_table
@@ -56,7 +57,7 @@ def webhooks_toml(
 ) -> str:
     """Two orgs with a webhook subscription each; alpha (main) and gamma (other) listen for
     callbacks at ``callback_url``, beta (main) does not."""
-    port = int(callback_url.rsplit(":", 1)[1].split("/")[0]) if callback_url else 443
+    port = _port_of(callback_url)
     callback: dict[str, TomlValue] = (
         {"callback_url": callback_url, "callback_secret_env": "CB_ALPHA"} if callback_url else {}
     )
@@ -116,6 +117,13 @@ def webhooks_toml(
         ),
     ]
     return "\n".join(tables)
+
+
+def _port_of(url: str | None) -> int:
+    try:
+        return urlsplit(url or "").port or 443
+    except ValueError:
+        return 443
 
 
 def webhooks_config(
