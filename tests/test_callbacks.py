@@ -281,3 +281,17 @@ async def test_partner_without_callback_url_hears_nothing_of_its_queued_order(
     loop.time.now += 2
     assert await deliver(loop) == 1
     assert await loop.send_callbacks() == 0
+
+
+def test_openapi_documents_the_callback_as_it_is_sent() -> None:
+    from test_docs import OPENAPI
+
+    schema = OPENAPI["components"]["schemas"]["StatusCallback"]
+    body = json.loads(build_body(MESSAGE))
+    assert set(schema["required"]) == set(body)
+    assert set(schema["properties"]["data"]["required"]) == set(body["data"])
+    assert set(schema["properties"]["type"]["enum"]) >= {"order.updated", "order.delivered"}
+    callback = OPENAPI["webhooks"]["orderStatus"]["post"]
+    headers = {p["name"] for p in callback["parameters"]}
+    assert headers == set(build_headers(KEY, "msg_1", 1, b"{}")) - {"Content-Type"}
+    assert "/webhooks/pharmaone" in OPENAPI["paths"]
