@@ -116,6 +116,7 @@ async def pharmaone_webhook(request: web.Request) -> web.Response:
         result = await accept_webhook(
             outbox.store, body, signature=request.headers.get(SIGNATURE_HEADER),
             delivery_id=request.headers.get(DELIVERY_HEADER), secrets=runtime.webhook_secrets,
+            partners_of=runtime.partners_of_org,
             callback_partners=frozenset(runtime.callbacks), now=callbacks.clock(),
             dedupe_s=config.webhooks.dedupe_s, callback_max_age_s=config.outbox.max_age_s,
         )  # fmt: skip

@@ -37,6 +37,8 @@ class Runtime:
     callbacks: Mapping[str, CallbackTarget] = field(default_factory=dict)  # by partner name
     # (org_id, secret) of every shop with a Manager webhook subscription.
     webhook_secrets: tuple[tuple[str, bytes], ...] = ()
+    # org_id → the partners whose orders go to it (a Manager event matches only those).
+    partners_of_org: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     @property
     def targets(self) -> Mapping[str, UpstreamTarget]:
@@ -117,12 +119,21 @@ def build_runtime(config: Config) -> Runtime:
         registry=registry,
         routes=routes,
         callbacks=build_callback_targets(config),
+        partners_of_org=build_partners_of_org(config),
         webhook_secrets=tuple(
             (shop.org_id, shop.webhook_secret.get_secret_value().encode())
             for shop in config.shops.values()
             if shop.webhook_secret is not None
         ),
     )
+
+
+def build_partners_of_org(config: Config) -> dict[str, frozenset[str]]:
+    """Which partners' orders each org receives (through the partners' shops)."""
+    found: dict[str, set[str]] = {}
+    for name, partner in config.partners.items():
+        found.setdefault(config.shops[partner.shop].org_id, set()).add(name)
+    return {org_id: frozenset(names) for org_id, names in found.items()}
 
 
 def build_callback_targets(config: Config) -> dict[str, CallbackTarget]:

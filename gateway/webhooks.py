@@ -135,6 +135,7 @@ async def record_webhook(
     event: ManagerEvent,
     *,
     delivery_key: str,
+    org_partners: frozenset[str],
     now: float,
     dedupe_s: float,
     callback_partners: frozenset[str],
@@ -148,6 +149,7 @@ async def record_webhook(
         IncomingWebhook(
             delivery_id=delivery_key,
             org_id=event.org_id,
+            org_partners=org_partners,
             order_request_id=event.order_request_id,
             reference=event.reference,
             event=LedgerEvent(event.event_type, event.new_status, at),
@@ -168,6 +170,7 @@ async def accept_webhook(
     signature: str | None,
     delivery_id: str | None,
     secrets: Sequence[tuple[str, bytes]],
+    partners_of: Mapping[str, frozenset[str]],
     callback_partners: frozenset[str],
     now: float,
     dedupe_s: float,
@@ -186,7 +189,8 @@ async def accept_webhook(
     if not is_relayable(event):
         return WebhookResult.IGNORED
     return await record_webhook(
-        store, event, delivery_key=build_delivery_key(delivery_id, event, body), now=now,
+        store, event, delivery_key=build_delivery_key(delivery_id, event, body),
+        org_partners=partners_of.get(event.org_id, frozenset()), now=now,
         dedupe_s=dedupe_s, callback_partners=callback_partners, callback_id=new_message_id(),
         callback_max_age_s=callback_max_age_s,
     )  # fmt: skip

@@ -70,7 +70,8 @@ def webhook(
     partners: frozenset[str] = frozenset({"alpha"}),
 ) -> IncomingWebhook:
     return IncomingWebhook(
-        delivery_id=delivery_id, org_id=org_id, order_request_id=manager_id, reference=reference,
+        delivery_id=delivery_id, org_id=org_id, org_partners=frozenset({"alpha", "beta"}),
+        order_request_id=manager_id, reference=reference,
         event=LedgerEvent("order_request_status_updated", status, now - 1), manager_status=status,
         now=now, dedupe_until=now + 3600, callback_partners=partners,
         callback_id=f"msg_{delivery_id}", callback_expires_at=now + 7200,
@@ -227,3 +228,11 @@ async def test_callbacks_leased_at_a_crash_are_due_again_at_start(
         assert again.id == "msg_1"
     finally:
         await second.close()
+
+
+async def test_orders_of_partners_outside_the_org_are_not_matched(store: OutboxStore) -> None:
+    # "gamma" is no partner of org-a's shops (any more): its order is not this event's.
+    await delivered(store, "gamma", "R-1", manager_id="m-1")
+    assert await store.record_webhook(webhook("d-1")) is WebhookResult.IGNORED
+    by_reference = webhook("d-2", manager_id=None, reference="R-1")
+    assert await store.record_webhook(by_reference) is WebhookResult.IGNORED

@@ -159,14 +159,16 @@ class CallbackMessage:
 class IncomingWebhook:
     """A verified Manager event, to record in one committed write (section 11).
 
-    Matched by ``order_request_id`` within ``org_id``; else by ``reference`` within ``org_id``
-    among orders that have no Manager id yet (the most recently updated one when several
-    partners used the same reference). ``callback`` is queued (its order fields filled from the
-    matched entry) when the matched order's partner is in ``callback_partners``.
+    Matched among the orders of ``org_partners`` (the partners of the org's shops) in
+    ``org_id``: by ``order_request_id``; else by ``reference`` among orders that have no other
+    Manager id (the most recently updated one when several partners used the same reference).
+    A callback is queued (its order fields taken from the updated entry) when the matched
+    order's partner is in ``callback_partners``.
     """
 
     delivery_id: str
     org_id: str
+    org_partners: frozenset[str]
     order_request_id: str | None
     reference: str | None
     event: LedgerEvent

@@ -80,7 +80,6 @@ _CALLBACK_COLUMNS: Final = (
     "id, partner, type, reference, status, order_request_id, manager_status, event, "
     "created_at, expires_at, attempts"
 )
-MAX_EVENTS: Final = 100  # per order: Manager's events are few; a loop of them must not grow rows
 _LEDGER_COLUMNS: Final = (
     "partner, reference, org_id, status, attempts, created_at, updated_at, "
     "order_request_id, manager_status, last_error, events"
@@ -464,7 +463,7 @@ def _record_webhook(connection: sqlite3.Connection, webhook: IncomingWebhook) ->
     partner, reference = found
     entry = _select_entry(connection, partner, reference)
     assert entry is not None  # matched in this transaction
-    events = (*entry.events, webhook.event)[-MAX_EVENTS:]
+    events = (*entry.events, webhook.event)
     connection.execute(
         "UPDATE orders SET events = ?, manager_status = coalesce(?, manager_status), "
         "order_request_id = coalesce(order_request_id, ?), updated_at = ? "
@@ -490,18 +489,21 @@ def _record_webhook(connection: sqlite3.Connection, webhook: IncomingWebhook) ->
 def _match(connection: sqlite3.Connection, webhook: IncomingWebhook) -> tuple[str, str] | None:
     """The order an event is about: by Manager's id, else by reference among orders without
     another Manager id (the most recently updated, when partners share a reference)."""
+    partners = sorted(webhook.org_partners)
+    among = f"partner IN ({', '.join('?' * len(partners))})"
     row = None
     if webhook.order_request_id is not None:
         row = connection.execute(
-            "SELECT partner, reference FROM orders WHERE org_id = ? AND order_request_id = ? "
-            "ORDER BY updated_at DESC LIMIT 1",
-            (webhook.org_id, webhook.order_request_id),
+            f"SELECT partner, reference FROM orders WHERE org_id = ? AND {among} "
+            "AND order_request_id = ? ORDER BY updated_at DESC LIMIT 1",
+            (webhook.org_id, *partners, webhook.order_request_id),
         ).fetchone()
     if row is None and webhook.reference is not None:
         row = connection.execute(
-            "SELECT partner, reference FROM orders WHERE org_id = ? AND reference = ? "
-            "AND (order_request_id IS NULL OR ? IS NULL) ORDER BY updated_at DESC LIMIT 1",
-            (webhook.org_id, webhook.reference, webhook.order_request_id),
+            f"SELECT partner, reference FROM orders WHERE org_id = ? AND {among} "
+            "AND reference = ? AND (order_request_id IS NULL OR ? IS NULL) "
+            "ORDER BY updated_at DESC LIMIT 1",
+            (webhook.org_id, *partners, webhook.reference, webhook.order_request_id),
         ).fetchone()
     return None if row is None else (row[0], row[1])
 
