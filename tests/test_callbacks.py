@@ -12,18 +12,20 @@ import json
 import time
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 from test_webhooks import Loop, approved, loop_of  # noqa: F401 - loop_of is a fixture
-from webhook_kit import ALPHA_WHSEC, GAMMA_WHSEC, KEYS, ORDER_PATH, Receiver
+from webhook_kit import ALPHA_WHSEC, ENVIRON, GAMMA_WHSEC, KEYS, ORDER_PATH, Receiver, webhooks_toml
 
 from gateway.callbacks import build_body, build_headers, build_settled_message, build_signature
 from gateway.config import parse_whsec
 from gateway.outbox import CallbackMessage, LedgerEntry, OrderStatus
 from gateway.sandbox import Fault
+from gateway.server import reload_config
 
 KEY = parse_whsec(ALPHA_WHSEC) or b""
 MESSAGE = CallbackMessage(
@@ -295,3 +297,48 @@ def test_openapi_documents_the_callback_as_it_is_sent() -> None:
     headers = {p["name"] for p in callback["parameters"]}
     assert headers == set(build_headers(KEY, "msg_1", 1, b"{}")) - {"Content-Type"}
     assert "/webhooks/pharmaone" in OPENAPI["paths"]
+
+
+async def test_reload_applies_the_callback_policy_to_queued_messages(
+    loop_of: Any,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loop: Loop = await loop_of(Receiver(statuses=[500]))
+    await updated(loop, "R-7")
+    assert await loop.send_callbacks() == 1  # 500: retried later
+    # The operator narrows the policy: loopback is no longer allowed. The URL, a loopback
+    # literal, is then refused at load: the reload is refused and the old policy stays...
+    config = loop.gateway.runtime.config
+    path = tmp_path / "reloaded.toml"
+    receiver_url = loop.gateway.runtime.callbacks["alpha"].url
+    for name, value in ENVIRON.items():
+        monkeypatch.setenv(name, value)
+    path.write_text(
+        webhooks_toml(config.manager.base_url, Path(config.outbox.path), receiver_url,
+                      webhooks={"callback_allow_networks": []}, server={"admin_port": 0}),
+        encoding="utf-8",
+    )  # fmt: skip
+    assert not reload_config(loop.gateway, path)
+    # ...while a change the policy allows applies to the message already queued.
+    path.write_text(
+        webhooks_toml(config.manager.base_url, Path(config.outbox.path), receiver_url,
+                      webhooks={"callback_timeout_s": 5}, server={"admin_port": 0}),
+        encoding="utf-8",
+    )  # fmt: skip
+    assert reload_config(loop.gateway, path)
+    assert loop.gateway.callbacks is not None
+    assert loop.gateway.callbacks.webhooks.callback_timeout_s == 5
+    loop.time.now += 1
+    assert await loop.send_callbacks() == 1
+    assert loop.metric("gateway_callbacks", "delivered") == 1
+
+
+async def test_store_down_answers_503_and_manager_retries(loop_of: Any) -> None:  # noqa: F811
+    loop: Loop = await loop_of()
+    accepted = await loop.order("R-8")
+    outbox = loop.gateway.outbox
+    assert outbox is not None
+    await outbox.store.close()
+    reply = await loop.webhook(approved(accepted["id"]))
+    assert reply.status == 503 and reply.body["error"] == "state_unavailable"
