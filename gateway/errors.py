@@ -7,6 +7,7 @@ error. The tree branches by who has to act::
     ├── PartnerError            4xx: the partner can fix the request
     │   ├── InvalidJsonError, UnauthorizedError, WrongHostError, ShopMismatchError, ...
     │   ├── InvalidSignatureError              a Manager webhook that does not verify
+    │   ├── ForbiddenError                     a console action without the operator's session
     │   ├── ValidationFailedError              (details: one entry per problem)
     │   ├── PrescriptionPdf{Invalid,Unreachable,Blocked}Error
     │   └── UpstreamRejectedError              Manager refused the order (Manager's status)
@@ -91,6 +92,14 @@ class ShopMismatchError(PartnerError):
     status = 403
     code = "shop_mismatch"
     default_message = "The body names a shop or organisation other than the key's."
+
+
+class ForbiddenError(PartnerError):
+    """An operator console action without the operator's session (or with a stale form)."""
+
+    status = 403
+    code = "forbidden"
+    default_message = "This console action needs the operator's token; log in first."
 
 
 class NotFoundError(PartnerError):

@@ -6,6 +6,8 @@ One object per process, held by both the partner app and the admin app. A reload
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -13,7 +15,7 @@ from aiohttp import web
 
 from gateway.callbacks import Callbacks
 from gateway.manager import ManagerClient
-from gateway.observability import Metrics
+from gateway.observability import Metrics, RequestLog
 from gateway.outbox.deliverer import Outbox
 from gateway.pdf import PdfFetcher
 from gateway.runtime import Runtime
@@ -25,6 +27,9 @@ class Gateway:
     runtime: Runtime
     state: StateStore
     metrics: Metrics = field(default_factory=Metrics)
+    request_log: RequestLog = field(default_factory=RequestLog)  # the partner port's requests
+    clock: Callable[[], float] = time.time  # the injected clock (tests move it by hand)
+    created_at: float = 0.0  # Unix time; the console's uptime
     manager_client: ManagerClient | None = None
     pdf_fetcher: PdfFetcher | None = None
     outbox: Outbox | None = None  # store and forward, when [outbox] enabled

@@ -1,4 +1,5 @@
-"""The outbox's deliverer and inline attempt against a real SQLite store and a scripted Manager.
+"""The outbox's deliverer and inline attempt against each real store (SQLite, Redis) and a
+scripted Manager.
 
 Time is a fake clock moved by hand; Manager is a FakeManager on loopback answering scripted
 statuses; ``run_once`` is called directly (no background loop).
@@ -21,13 +22,14 @@ from gateway.errors import UpstreamRejectedError
 from gateway.ledger import build_status, to_iso
 from gateway.manager import ManagerClient, UpstreamTarget
 from gateway.observability import Metrics
-from gateway.outbox import LedgerEntry, NewOrder, OrderStatus, Remember
+from gateway.outbox import LedgerEntry, NewOrder, OrderStatus, OutboxStore, Remember
 from gateway.outbox.deliverer import (
     Outbox,
     build_queued_reply,
     build_status_path,
     parse_manager_reply,
 )
+from gateway.outbox.redis import RedisOutbox
 from gateway.outbox.sealing import Sealer, new_key
 from gateway.outbox.sqlite import SqliteOutbox
 from gateway.retry import outbox_delay
@@ -40,21 +42,28 @@ BODY = b'{"external_reference":"R-1","payload":{"shop_id":"s"},"source":"acme"}'
 @dataclass
 class Rig:
     outbox: Outbox
-    store: SqliteOutbox
+    store: OutboxStore
     manager: ManagerClient
     metrics: Metrics
     settled: list[LedgerEntry]
 
 
-@pytest.fixture
+@pytest.fixture(params=["sqlite", "redis"])
 async def rig(
-    tmp_path: Path, fake_time: FakeTime, start_fake_manager: StartFakeManager
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    fake_time: FakeTime,
+    start_fake_manager: StartFakeManager,
 ) -> AsyncIterator[tuple[Rig, list[int]]]:
     statuses: list[int] = []
     fake, base_url = await start_fake_manager(statuses)
     metrics = Metrics()
-    store = SqliteOutbox(tmp_path / "outbox.db", Sealer([KEY]), clock=fake_time.clock)
-    await store.open()
+    store: OutboxStore
+    if request.param == "sqlite":
+        store = SqliteOutbox(tmp_path / "outbox.db", Sealer([KEY]), clock=fake_time.clock)
+        await store.open()
+    else:
+        store = RedisOutbox(request.getfixturevalue("redis_url"))
     config = OutboxConfig(enabled=True, retry_min_s=10, retry_max_s=40, max_age_hours=1)
     outbox = Outbox(
         store, Sealer([KEY]), config, metrics=metrics, clock=fake_time.clock, rand=lambda: 0.5

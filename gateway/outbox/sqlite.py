@@ -184,6 +184,10 @@ class SqliteOutbox:
             raise OutboxFileError(
                 "the outbox was sealed with another key: put the old key back in outbox keys"
             ) from None
+        if self._owner:
+            # Sealed again with the first key: after a rotation the old key can then be removed.
+            canary = self._sealer.seal(CANARY)
+            connection.execute("UPDATE meta SET value = ? WHERE name = 'canary'", (canary,))
 
     def _add_webhook_tables(self, connection: sqlite3.Connection) -> None:
         connection.execute("BEGIN IMMEDIATE")
@@ -324,7 +328,8 @@ class SqliteOutbox:
                 "WHERE partner = ? AND reference = ?",
                 (
                     status.value, int(settlement.attempted), settlement.now,
-                    settlement.next_attempt_at if status is OrderStatus.QUEUED else None,
+                    (settlement.next_attempt_at or settlement.now)
+                    if status is OrderStatus.QUEUED else None,
                     settlement.last_error, status is OrderStatus.DELIVERED,
                     settlement.order_request_id,
                     settlement.manager_status, _dump_events(events), status in SETTLED,
