@@ -137,8 +137,12 @@ async def updated(loop: Loop, reference: str) -> None:
     assert reply.body == {"status": "accepted"}
 
 
-async def test_receiver_answering_500_is_retried_with_the_same_webhook_id(loop_of: Any) -> None:  # noqa: F811
-    loop: Loop = await loop_of(Receiver(statuses=[500, 503]))
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_receiver_answering_500_is_retried_with_the_same_webhook_id(
+    loop_of: Any,  # noqa: F811
+    backend: str,
+) -> None:
+    loop: Loop = await loop_of(Receiver(statuses=[500, 503]), backend=backend)
     await updated(loop, "R-1")
     assert await loop.send_callbacks() == 1
     assert await loop.send_callbacks() == 0  # not due yet: backoff from retry_min_s

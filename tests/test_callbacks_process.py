@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Final
 
 import aiohttp
-from conftest import REPO_ROOT, flat_order
+from conftest import REPO_ROOT, flat_order, free_port
 from pytest_aiohttp import AiohttpServer
 from standardwebhooks import Webhook
-from test_state_redis import free_port
 from test_workers import status_of, wait_for
 from webhook_kit import (
     ALPHA_WHSEC,

@@ -1,15 +1,18 @@
-"""The outbox store's part of section 11: a Manager webhook recorded in one write (dedupe, match,
-event, callback), and the queue of partner callbacks taken under a lease."""
+"""The outbox stores' part of section 11, SQLite and Redis held to the same behaviour: a Manager
+webhook recorded in one write (dedupe, match, event, callback), and the queue of partner
+callbacks taken under a lease."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
-import pytest
 from conftest import FakeTime
 from pydantic import SecretStr
+from test_outbox_store import backend  # noqa: F401 - the fixture: one store of each kind
+from test_outbox_store import store as store_of_backend
+from test_state_redis import all_keys
 
 from gateway.outbox import (
     CallbackMessage,
@@ -22,6 +25,7 @@ from gateway.outbox import (
     Settlement,
     WebhookResult,
 )
+from gateway.outbox.redis import RedisOutbox
 from gateway.outbox.sealing import Sealer, new_key
 from gateway.outbox.sqlite import SqliteOutbox
 
@@ -29,13 +33,8 @@ KEY = SecretStr(new_key())
 NOW = 1_000_000.0
 
 
-@pytest.fixture
-async def store(tmp_path: Path, fake_time: FakeTime) -> AsyncIterator[OutboxStore]:
-    fake_time.now = NOW
-    outbox = SqliteOutbox(tmp_path / "outbox.db", Sealer([KEY]), clock=fake_time.clock)
-    await outbox.open()
-    yield outbox
-    await outbox.close()
+# Every test runs against both stores (SQLite and Redis), as in test_outbox_store.py.
+store = store_of_backend
 
 
 async def delivered(
@@ -200,14 +199,26 @@ async def test_take_due_callbacks_honours_the_limit(store: OutboxStore) -> None:
     assert [m.id for m in taken] == ["msg_0", "msg_1", "msg_2"]
 
 
-async def test_purge_forgets_expired_delivery_ids(store: OutboxStore) -> None:
+async def test_purge_keeps_delivery_ids_within_their_time(store: OutboxStore) -> None:
     await store.record_webhook(webhook(manager_id="x"))
-    await store.purge(NOW + 10 + 3601, 86400)
-    # Remembered until dedupe_until only: a purge after that does not make it a duplicate.
-    assert (
-        await store.record_webhook(replace(webhook(manager_id="x"), now=NOW + 10))
-        is WebhookResult.IGNORED
-    )
+    await store.purge(NOW + 20, 0)
+    again = replace(webhook(manager_id="x"), now=NOW + 30)
+    assert await store.record_webhook(again) is WebhookResult.DUPLICATE
+
+
+async def test_sqlite_purge_deletes_expired_delivery_ids(
+    tmp_path: Path, fake_time: FakeTime
+) -> None:
+    # Redis lets the key expire by itself; the SQLite file is cleaned by the deliverer's purge.
+    outbox = SqliteOutbox(tmp_path / "outbox.db", Sealer([KEY]), clock=fake_time.clock)
+    await outbox.open()
+    try:
+        await outbox.record_webhook(webhook(manager_id="x"))
+        await outbox.purge(NOW + 10 + 3601, 86400)
+    finally:
+        await outbox.close()
+    with sqlite3.connect(tmp_path / "outbox.db") as connection:
+        assert connection.execute("SELECT count(*) FROM webhook_deliveries").fetchone() == (0,)
 
 
 async def test_callbacks_leased_at_a_crash_are_due_again_at_start(
@@ -236,3 +247,27 @@ async def test_orders_of_partners_outside_the_org_are_not_matched(store: OutboxS
     assert await store.record_webhook(webhook("d-1")) is WebhookResult.IGNORED
     by_reference = webhook("d-2", manager_id=None, reference="R-1")
     assert await store.record_webhook(by_reference) is WebhookResult.IGNORED
+
+
+async def test_redis_forgets_the_manager_id_with_its_order(redis_url: str) -> None:
+    store = RedisOutbox(redis_url)
+    try:
+        await delivered(store, "alpha", "R-1", manager_id="m-1")
+        assert any(":outbox:manager-id:" in key for key in await all_keys(redis_url))
+        await store.purge(NOW + 10, 1)
+        assert not any(":outbox:manager-id:" in key for key in await all_keys(redis_url))
+        assert await store.record_webhook(webhook()) is WebhookResult.IGNORED
+    finally:
+        await store.close()
+
+
+async def test_redis_delivery_ids_and_callbacks_leave_no_customer_data(redis_url: str) -> None:
+    store = RedisOutbox(redis_url)
+    try:
+        await delivered(store, "alpha", "Erika Musterfrau", manager_id="m-1")
+        await store.record_webhook(webhook(reference="Erika Musterfrau"))
+        keys = await all_keys(redis_url)
+        assert all("Erika" not in key for key in keys)  # references are hashed in key names
+        assert any(":outbox:callback:" in key for key in keys)
+    finally:
+        await store.close()

@@ -212,10 +212,17 @@ class Loop:
 
 @pytest.fixture
 async def loop_of(
-    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, tmp_path: Path
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> Any:
     async def make(
-        receiver: Receiver | None = None, *, callback_host: str = "127.0.0.1", **sections: Any
+        receiver: Receiver | None = None,
+        *,
+        callback_host: str = "127.0.0.1",
+        backend: str = "sqlite",
+        **sections: Any,
     ) -> Loop:
         clock = FakeTime(now=time.time())  # callbacks are verified against real time
         sandbox = await aiohttp_server(create_sandbox_app(clock=clock.clock), host="127.0.0.1")
@@ -225,6 +232,7 @@ async def loop_of(
             f"http://127.0.0.1:{sandbox.port}",
             tmp_path / "outbox.db",
             f"http://{callback_host}:{served.port}/callbacks",
+            request.getfixturevalue("redis_url") if backend == "redis" else None,
             **sections,
         )
         seams = Seams(
@@ -247,10 +255,11 @@ def approved(order_request_id: str | None, reference: str | None = None, **meta:
     return manager_event(metadata=metadata)
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
 async def test_matched_event_is_recorded_and_relayed_as_a_signed_order_updated(
-    loop_of: Any,
+    loop_of: Any, backend: str
 ) -> None:
-    loop: Loop = await loop_of()
+    loop: Loop = await loop_of(backend=backend)
     accepted = await loop.order("TM-1")
     reply = await loop.webhook(approved(accepted["id"]))
     assert (reply.status, reply.body) == (200, {"status": "accepted"})
@@ -290,8 +299,11 @@ async def test_order_answered_inline_gets_no_delivered_callback(loop_of: Any) ->
     assert loop.receiver.received == []
 
 
-async def test_replayed_delivery_id_is_a_duplicate_and_changes_nothing(loop_of: Any) -> None:
-    loop: Loop = await loop_of()
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_replayed_delivery_id_is_a_duplicate_and_changes_nothing(
+    loop_of: Any, backend: str
+) -> None:
+    loop: Loop = await loop_of(backend=backend)
     accepted = await loop.order("TM-3")
     first = await loop.webhook(approved(accepted["id"]), delivery_id="same")
     again = await loop.webhook(

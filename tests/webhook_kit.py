@@ -54,6 +54,7 @@ def webhooks_toml(
     webhooks: Mapping[str, TomlValue] | None = None,
     outbox: Mapping[str, TomlValue] | None = None,
     server: Mapping[str, TomlValue] | None = None,
+    state: Mapping[str, TomlValue] | None = None,
 ) -> str:
     """Two orgs with a webhook subscription each; alpha (main) and gamma (other) listen for
     callbacks at ``callback_url``, beta (main) does not."""
@@ -116,6 +117,8 @@ def webhooks_toml(
             },
         ),
     ]
+    if state is not None:
+        tables.append(toml_table("state", state))
     return "\n".join(tables)
 
 
@@ -130,10 +133,15 @@ def webhooks_config(
     manager_url: str,
     outbox_path: Path,
     callback_url: str | None,
+    redis_url: str | None = None,
     **sections: Mapping[str, TomlValue],
 ) -> Config:
+    """The configuration; with ``redis_url``, the state and the outbox in that Redis."""
+    if redis_url is not None:
+        sections = {**sections, "state": {"backend": "redis"}}
+    environ = {**ENVIRON, "REDIS_URL": redis_url} if redis_url else ENVIRON
     return parse_config(
-        webhooks_toml(manager_url, outbox_path, callback_url, **sections), environ=ENVIRON
+        webhooks_toml(manager_url, outbox_path, callback_url, **sections), environ=environ
     )
 
 
