@@ -188,8 +188,10 @@ def gateway_toml(
     *,
     server: Mapping[str, TomlValue] | None = None,
     manager: Mapping[str, TomlValue] | None = None,
+    extra: Mapping[str, Mapping[str, TomlValue]] | None = None,
 ) -> str:
-    """The test configuration's TOML for a Manager at ``base_url``; sections can be overridden."""
+    """The test configuration's TOML for a Manager at ``base_url``; sections can be overridden,
+    and ``extra`` tables (``{"outbox": {...}}``, ``{"shops.x": {...}}``) are appended."""
     server_table: dict[str, TomlValue] = {"host": "127.0.0.1", "port": 0, **(server or {})}
     manager_table: dict[str, TomlValue] = {
         "base_url": base_url,
@@ -203,11 +205,17 @@ def gateway_toml(
     for name, table in PARTNER_TABLES.items():
         parts.append(toml_table(f"partners.{name}", {**table, "key_sha256": hash_key(KEYS[name])}))
     parts.append((SAMPLES / "nested-partner.profile.toml").read_text(encoding="utf-8"))
+    parts += [toml_table(name, table) for name, table in (extra or {}).items()]
     return "\n".join(parts)
 
 
-def load_test_config(base_url: str, **sections: Mapping[str, TomlValue]) -> Config:
-    return parse_config(gateway_toml(base_url, **sections), environ=ENVIRON)
+def load_test_config(
+    base_url: str,
+    *,
+    environ: Mapping[str, str] | None = None,
+    **sections: Mapping[str, Any] | None,
+) -> Config:
+    return parse_config(gateway_toml(base_url, **sections), environ={**ENVIRON, **(environ or {})})
 
 
 def load_sample(name: str) -> dict[str, Any]:
@@ -349,11 +357,22 @@ def make_gateway(
         base_url: str | None = None,
         server: Mapping[str, TomlValue] | None = None,
         manager: Mapping[str, TomlValue] | None = None,
+        extra: Mapping[str, Mapping[str, TomlValue]] | None = None,
+        environ: Mapping[str, str] | None = None,
+        seams: Mapping[str, Any] | None = None,
     ) -> GatewayHarness:
+        """``extra`` tables and ``environ`` variables go into the configuration; ``seams``
+        overrides :class:`Seams` fields (``deliverer_poll_s``, ``outbox_max_pages``, …)."""
         config = load_test_config(
-            base_url or base_url_of(sandbox), server=server or {}, manager=manager or {}
+            base_url or base_url_of(sandbox),
+            server=server or {},
+            manager=manager or {},
+            extra=extra,
+            environ=environ,
         )
-        seams = Seams(clock=fake_time.clock, sleep=fake_time.sleep, rand=lambda: 0.5)
+        seams = Seams(
+            clock=fake_time.clock, sleep=fake_time.sleep, rand=lambda: 0.5, **(seams or {})
+        )
         client = await aiohttp_client(create_app(config, seams))
         return GatewayHarness(client, client.server.app[GATEWAY_KEY], config)
 
