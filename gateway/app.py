@@ -12,6 +12,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractResolver
 
+from gateway.callbacks import Callbacks
 from gateway.config import Config
 from gateway.console.handlers import add_console_routes
 from gateway.gateway import GATEWAY_KEY, Gateway
@@ -40,8 +41,10 @@ class Seams:
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     rand: Callable[[], float] = random.random
     pdf_resolver: AbstractResolver | None = None
+    callback_resolver: AbstractResolver | None = None
     metrics: Metrics = field(default_factory=Metrics)
-    # How often the outbox's deliverer looks for due orders; None: tests call run_once.
+    # How often the outbox's deliverer (and the callback sender) look for due work; None: tests
+    # call run_once.
     deliverer_poll_s: float | None = 1.0
     outbox_max_pages: int | None = None  # tests: a full disk, as SQLite reports it
 
@@ -69,6 +72,15 @@ def create_gateway(config: Config, seams: Seams | None = None) -> Gateway:
             outbox_store, Sealer(config.outbox.keys), config.outbox,
             metrics=seams.metrics, clock=seams.clock, rand=seams.rand,
         )  # fmt: skip
+        callbacks = Callbacks(
+            outbox_store, config.outbox, config.webhooks, metrics=seams.metrics,
+            clock=seams.clock, rand=seams.rand, resolver_inner=seams.callback_resolver,
+        )  # fmt: skip
+        gateway.callbacks = callbacks
+        # Orders the deliverer settles are announced to partners that listen (section 11).
+        gateway.outbox.on_settled = lambda entry: callbacks.enqueue_settled(
+            entry, gateway.runtime.callbacks
+        )
     gateway.metrics.set_config(config.digest)
     return gateway
 
@@ -145,6 +157,7 @@ def _services(gateway: Gateway, seams: Seams) -> Callable[[web.Application], Asy
         )
         await gateway.pdf_fetcher.start()
         deliverer = await _start_outbox(gateway, seams)
+        sender = await _start_callbacks(gateway, seams)
         gateway.started = True
         log_event(20, "services_started", config=gateway.config_digest)
         try:
@@ -155,6 +168,11 @@ def _services(gateway: Gateway, seams: Seams) -> Callable[[web.Application], Asy
                 assert gateway.outbox is not None
                 gateway.outbox.stop()  # deliveries in flight finish; none is cut off midway
                 await deliverer
+            if gateway.callbacks is not None:
+                gateway.callbacks.stop()
+                if sender is not None:
+                    await sender
+                await gateway.callbacks.close()
             await gateway.pdf_fetcher.close()
             await session.close()
             await gateway.state.close()
@@ -174,4 +192,18 @@ async def _start_outbox(gateway: Gateway, seams: Seams) -> asyncio.Task[None] | 
     return asyncio.create_task(
         outbox.run(lambda: gateway.runtime.targets, lambda: gateway.manager, poll_s=poll_s),
         name="outbox-deliverer",
+    )
+
+
+async def _start_callbacks(gateway: Gateway, seams: Seams) -> asyncio.Task[None] | None:
+    """Start the partner callback sender (None: no outbox, or no loop in tests)."""
+    callbacks = gateway.callbacks
+    if callbacks is None:
+        return None
+    await callbacks.start()
+    if seams.deliverer_poll_s is None:
+        return None
+    poll_s = min(seams.deliverer_poll_s, callbacks.outbox.retry_min_s)
+    return asyncio.create_task(
+        callbacks.run(lambda: gateway.runtime.callbacks, poll_s=poll_s), name="callback-sender"
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from gateway.auth import hash_key
-from gateway.config import Config, load_config, resolve_config_path
+from gateway.config import Config, load_config, read_env_secret, resolve_config_path
 from gateway.errors import ConfigError, GatewayError
 from gateway.intake import parse_json_object
 from gateway.ledger import build_status
@@ -30,6 +30,7 @@ EXIT_INVALID: Final = 1
 EXIT_CONFIG: Final = 2
 EXIT_FAILED: Final = 1
 DEFAULT_SANDBOX_PORT: Final = 8090
+SANDBOX_SECRET_ENV: Final = "SANDBOX_WEBHOOK_SECRET"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox = commands.add_parser("sandbox", help="run the local Manager stand-in")
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--port", type=int, default=DEFAULT_SANDBOX_PORT)
+    sandbox.add_argument(
+        "--webhook-url", help=f"send signed webhooks there (secret from ${SANDBOX_SECRET_ENV})"
+    )
 
     secret = commands.add_parser(
         "new-secret", help="print a fresh secret for the outbox or webhooks"
@@ -203,13 +207,20 @@ def _check_config(args: argparse.Namespace) -> int:
     for name, partner in config.partners.items():
         profile = f", profile {partner.profile}" if partner.profile else ""
         rate = f", {partner.rate_per_min}/min" if partner.rate_per_min else ""
-        print(f"partner {name}: shop {partner.shop}, pdf {partner.pdf}{profile}{rate}")
+        callback = ", callbacks on" if partner.callback_url else ""
+        print(f"partner {name}: shop {partner.shop}, pdf {partner.pdf}{profile}{rate}{callback}")
     outbox = config.outbox
     if outbox.enabled:
         where = "redis" if config.state.backend == "redis" else outbox.path
         print(
             f"outbox: {where}, {len(outbox.keys)} key(s), max age {outbox.max_age_hours:g} h, "
             f"retries {outbox.retry_min_s:g}-{outbox.retry_max_s:g} s"
+        )
+    if config.webhooks.enabled:
+        subscribed = [name for name, shop in config.shops.items() if shop.webhook_secret]
+        print(
+            "webhooks: POST /webhooks/pharmaone, subscribed shops: "
+            f"{', '.join(subscribed) or 'none'}"
         )
     return EXIT_OK
 
@@ -319,7 +330,17 @@ def format_age(seconds: float) -> str:
 
 
 def _sandbox(args: argparse.Namespace) -> int:
-    from gateway.sandbox import run_sandbox
+    from gateway.sandbox import WebhookSink, run_sandbox
 
-    run_sandbox(args.host, args.port)
+    sink = None
+    if args.webhook_url:
+        secret = read_env_secret(SANDBOX_SECRET_ENV)
+        if secret is None:
+            print(
+                f"gateway: --webhook-url needs the signing secret in ${SANDBOX_SECRET_ENV}",
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
+        sink = WebhookSink(args.webhook_url, secret.encode())
+    run_sandbox(args.host, args.port, sink)
     return EXIT_OK

@@ -140,14 +140,21 @@ class ShopConfig(_Section):
     manager_key_file: str | None = None
     accept_org_keys: bool = False
     api: Literal["v1", "v2"] | None = None
+    # The signing secret of the org's webhook subscription in Manager (section 11).
+    webhook_secret_env: str | None = None
+    webhook_secret_file: str | None = None
     # Filled by load_config from manager_key_env / manager_key_file; never read from the file.
     manager_key: SecretStr | None = Field(default=None, exclude=True)
+    # Filled by load_config from webhook_secret_env / webhook_secret_file.
+    webhook_secret: SecretStr | None = Field(default=None, exclude=True)
 
     @model_validator(mode="before")
     @classmethod
     def _no_inline_secret(cls, data: Any) -> Any:
         message = "secrets never live in the file: use manager_key_env or manager_key_file"
-        return refuse_resolved_key(data, "manager_key", message)
+        refuse_resolved_key(data, "manager_key", message)
+        message = "secrets never live in the file: use webhook_secret_env or webhook_secret_file"
+        return refuse_resolved_key(data, "webhook_secret", message)
 
     @field_validator("hosts")
     @classmethod
@@ -158,6 +165,8 @@ class ShopConfig(_Section):
     def _checks(self) -> ShopConfig:
         if self.manager_key_env and self.manager_key_file:
             raise ValueError("set manager_key_env or manager_key_file, not both")
+        if self.webhook_secret_env and self.webhook_secret_file:
+            raise ValueError("set webhook_secret_env or webhook_secret_file, not both")
         if self.accept_org_keys and not self.hosts:
             raise ValueError("accept_org_keys = true needs hosts")
         return self
@@ -171,6 +180,31 @@ class PartnerConfig(_Section):
     pdf: Literal["fetch", "forward"] = "fetch"
     rate_per_min: int | None = Field(default=None, ge=1)
     require_reference: bool = False
+    # Where the partner hears what became of its orders (section 11), and the whsec_ secret.
+    callback_url: str | None = None
+    callback_secret_env: str | None = None
+    callback_secret_file: str | None = None
+    # Filled by load_config from callback_secret_env / callback_secret_file.
+    callback_secret: SecretStr | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secret(cls, data: Any) -> Any:
+        message = "secrets never live in the file: use callback_secret_env or callback_secret_file"
+        return refuse_resolved_key(data, "callback_secret", message)
+
+    @model_validator(mode="after")
+    def _callback(self) -> PartnerConfig:
+        if self.callback_secret_env and self.callback_secret_file:
+            raise ValueError("set callback_secret_env or callback_secret_file, not both")
+        if self.callback_url is not None and not (
+            self.callback_secret_env or self.callback_secret_file
+        ):
+            raise ValueError(
+                "callback_url needs callback_secret_env or callback_secret_file "
+                "(see `gateway new-secret webhook`)"
+            )
+        return self
 
     @field_validator("key_sha256")
     @classmethod
@@ -199,6 +233,15 @@ class ProfileConfig(_Section):
         return {"fields": fields, "keep_unmapped": data.get("keep_unmapped", False)}
 
 
+def _parse_networks(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        try:
+            return tuple(ipaddress.ip_network(v, strict=False) for v in value)
+        except ValueError as exc:
+            raise ValueError(f"not a CIDR network: {exc}") from None
+    return value
+
+
 class PdfConfig(_Section):
     max_mb: PositiveFloat = 10
     timeout_s: PositiveFloat = 10
@@ -211,12 +254,7 @@ class PdfConfig(_Section):
     @field_validator("allow_networks", mode="before")
     @classmethod
     def _networks(cls, value: Any) -> Any:
-        if isinstance(value, list | tuple):
-            try:
-                return tuple(ipaddress.ip_network(v, strict=False) for v in value)
-            except ValueError as exc:
-                raise ValueError(f"not a CIDR network: {exc}") from None
-        return value
+        return _parse_networks(value)
 
     @field_validator("allow_hosts")
     @classmethod
@@ -295,6 +333,26 @@ class OutboxConfig(_Section):
         return self.ledger_days * 86400
 
 
+class WebhooksConfig(_Section):
+    """Manager's webhooks in, partner callbacks out (contract section 11); needs the outbox."""
+
+    enabled: bool = False
+    dedupe_hours: PositiveFloat = 72
+    callback_timeout_s: PositiveFloat = 10
+    callback_allow_http: bool = False
+    callback_allow_networks: tuple[IPNetwork, ...] = ()
+    callback_allow_ports: tuple[Annotated[int, Field(ge=1, le=65535)], ...] = ()
+
+    @field_validator("callback_allow_networks", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        return _parse_networks(value)
+
+    @property
+    def dedupe_s(self) -> float:
+        return self.dedupe_hours * 3600
+
+
 class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -312,6 +370,7 @@ class Config(_Section):
     idempotency: IdempotencyConfig = IdempotencyConfig()
     state: StateConfig = StateConfig()
     outbox: OutboxConfig = OutboxConfig()
+    webhooks: WebhooksConfig = WebhooksConfig()
     logging: LoggingConfig = LoggingConfig()
     # sha256 of the file's bytes: which configuration is active (logs, metrics, reload).
     digest: str = Field(default="", exclude=True)
@@ -349,6 +408,18 @@ class Config(_Section):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _webhooks_need_the_outbox(self) -> Config:
+        if self.webhooks.enabled and not self.outbox.enabled:
+            raise ValueError("webhooks.enabled: webhooks need the outbox ([outbox] enabled = true)")
+        for name, partner in self.partners.items():
+            if partner.callback_url is not None and not self.outbox.enabled:
+                raise ValueError(
+                    f"partners.{name}.callback_url: callbacks need the outbox "
+                    "([outbox] enabled = true)"
+                )
+        return self
+
     @property
     def claim_lease_s(self) -> float:
         """Longest a request can hold an order reference: its PDF and upstream deadlines."""
@@ -362,6 +433,12 @@ def resolve_config_path(path: str | None, environ: Mapping[str, str] | None = No
     """``--config PATH``, else ``$GATEWAY_CONFIG``, else ``config/gateway.toml``."""
     env = os.environ if environ is None else environ
     return Path(path or env.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
+
+
+def read_env_secret(name: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """A secret outside the file (the sandbox's webhook secret), or None if unset or empty."""
+    value = (os.environ if environ is None else environ).get(name, "").strip()
+    return value or None
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
@@ -400,6 +477,10 @@ def parse_config(
     if manager is not config.manager:
         update["manager"] = manager
     update["outbox"] = _with_outbox_keys(config.outbox, environ)
+    update["partners"] = {
+        name: _with_callback_secret(name, partner, environ)
+        for name, partner in config.partners.items()
+    }
     update["server"] = _with_admin_token(config.server, environ)
     return config.model_copy(update=update)
 
@@ -473,11 +554,49 @@ def read_secret(
 
 
 def _with_secret(name: str, shop: ShopConfig, environ: Mapping[str, str]) -> ShopConfig:
+    update: dict[str, SecretStr] = {}
     where = f"shops.{name}.manager_key"
     value = read_secret(where, shop.manager_key_env, shop.manager_key_file, environ)
+    if value is not None:
+        update["manager_key"] = SecretStr(value)
+    where = f"shops.{name}.webhook_secret"
+    value = read_secret(where, shop.webhook_secret_env, shop.webhook_secret_file, environ)
+    if value is not None:
+        update["webhook_secret"] = SecretStr(value)
+    return shop.model_copy(update=update) if update else shop
+
+
+def _with_callback_secret(
+    name: str, partner: PartnerConfig, environ: Mapping[str, str]
+) -> PartnerConfig:
+    where = f"partners.{name}.callback_secret"
+    env_name, file_path = partner.callback_secret_env, partner.callback_secret_file
+    value = read_secret(where, env_name, file_path, environ)
     if value is None:
-        return shop
-    return shop.model_copy(update={"manager_key": SecretStr(value)})
+        return partner
+    if parse_whsec(value) is None:
+        raise ConfigError(
+            f"{where}_{'env' if env_name else 'file'}: not a Standard Webhooks secret (whsec_ "
+            "and base64; see `gateway new-secret webhook`)"
+        )
+    return partner.model_copy(update={"callback_secret": SecretStr(value)})
+
+
+WHSEC_PREFIX: Final = "whsec_"
+MIN_WHSEC_BYTES: Final = 24
+
+
+def parse_whsec(secret: str) -> bytes | None:
+    """The signing key of a ``whsec_…`` Standard Webhooks secret (base64 after the prefix), or
+    None if the text is not one (or its key is shorter than 24 bytes)."""
+    if not secret.startswith(WHSEC_PREFIX):
+        return None
+    encoded = secret[len(WHSEC_PREFIX) :]
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except (ValueError, UnicodeEncodeError):
+        return None
+    return key if len(key) >= MIN_WHSEC_BYTES else None
 
 
 def _with_redis_url(state: StateConfig, environ: Mapping[str, str]) -> StateConfig:

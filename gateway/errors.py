@@ -6,7 +6,8 @@ error. The tree branches by who has to act::
     GatewayError (500 internal_error)
     ├── PartnerError            4xx: the partner can fix the request
     │   ├── InvalidJsonError, UnauthorizedError, WrongHostError, ShopMismatchError, ...
-│   ├── ForbiddenError                     a console action without the operator's session
+    │   ├── InvalidSignatureError              a Manager webhook that does not verify
+    │   ├── ForbiddenError                     a console action without the operator's session
     │   ├── ValidationFailedError              (details: one entry per problem)
     │   ├── PrescriptionPdf{Invalid,Unreachable,Blocked}Error
     │   └── UpstreamRejectedError              Manager refused the order (Manager's status)
@@ -71,6 +72,14 @@ class UnauthorizedError(PartnerError):
     status = 401
     code = "unauthorized"
     default_message = "The API key is missing or not valid."
+
+
+class InvalidSignatureError(PartnerError):
+    """A Manager webhook whose signature does not verify with a subscribed org's secret."""
+
+    status = 401
+    code = "invalid_signature"
+    default_message = "The webhook signature is missing or does not verify."
 
 
 class WrongHostError(PartnerError):

@@ -13,6 +13,7 @@ from typing import Final
 
 from aiohttp import web
 
+from gateway.callbacks import Callbacks
 from gateway.manager import ManagerClient
 from gateway.observability import Metrics, RequestLog
 from gateway.outbox.deliverer import Outbox
@@ -32,6 +33,7 @@ class Gateway:
     manager_client: ManagerClient | None = None
     pdf_fetcher: PdfFetcher | None = None
     outbox: Outbox | None = None  # store and forward, when [outbox] enabled
+    callbacks: Callbacks | None = None  # partner callbacks, with the outbox
     started: bool = False
     draining: bool = False
 

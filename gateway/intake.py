@@ -57,6 +57,17 @@ async def read_intake(request: web.Request, max_bytes: int) -> Intake:
     return Intake(parse_json_object(raw))
 
 
+async def read_body(request: web.Request, max_bytes: int) -> bytes:
+    """The raw body, never read past ``max_bytes``.
+
+    Raises:
+        PayloadTooLargeError: the body is (or announces itself) larger.
+    """
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise _too_large(max_bytes)
+    return await _read_limited(request, max_bytes)
+
+
 def parse_json_object(raw: bytes) -> Mapping[str, object]:
     """The body as a JSON object, or :class:`InvalidJsonError`."""
     try:

@@ -430,6 +430,12 @@ class Metrics:
             "gateway_outbox_deliveries", "Delivery attempts of stored orders by result.",
             ["result"], registry=r,
         )  # fmt: skip
+        self.webhooks_received = Counter(
+            "gateway_webhooks_received", "Manager webhooks by result.", ["result"], registry=r
+        )
+        self.callbacks = Counter(
+            "gateway_callbacks", "Partner callback attempts by result.", ["result"], registry=r
+        )
         # Not a Prometheus metric: the console's "last success, last failure" of this process.
         self.upstream = UpstreamHealth()
         # Children bound once per label value: labels() (a lock, a tuple, a dict) on every request

@@ -7,15 +7,23 @@ from typing import Final
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway.errors import NotFoundError, RateLimitedError, StateUnavailableError
+from gateway.errors import (
+    InvalidSignatureError,
+    NotFoundError,
+    RateLimitedError,
+    StateUnavailableError,
+)
 from gateway.gateway import GATEWAY_KEY
-from gateway.intake import read_intake
+from gateway.intake import read_body, read_intake
 from gateway.ledger import to_status_document
 from gateway.manager import OrgKeyRefusedError
-from gateway.observability import bind_log_context, current_log_fields
+from gateway.observability import bind_log_context, current_log_fields, log_event
 from gateway.orders import deliver_order, prepare_order
+from gateway.outbox import WebhookResult
 from gateway.outbox.deliverer import build_status_path
 from gateway.retry import to_retry_after_header
+from gateway.webhooks import DELIVERY_HEADER, MAX_BODY_BYTES, SIGNATURE_HEADER, accept_webhook
+from gateway.webhooks import PATH as WEBHOOK_PATH
 
 ORDER_PATH: Final = "/api/v1/external-order"
 KEY_HEADERS: Final = ("apikey", "X-API-Key")
@@ -92,6 +100,36 @@ async def order_status(request: web.Request) -> web.Response:
     return web.json_response(body=to_status_document(entry))
 
 
+async def pharmaone_webhook(request: web.Request) -> web.Response:
+    """``POST /webhooks/pharmaone``: Manager's event, verified, recorded, relayed (section 11).
+
+    Answered only after the write is committed, so Manager may always send it again.
+    """
+    gateway = request.app[GATEWAY_KEY]
+    runtime, outbox, callbacks = gateway.runtime, gateway.outbox, gateway.callbacks
+    config = runtime.config
+    if outbox is None or callbacks is None or not config.webhooks.enabled:
+        raise NotFoundError("Manager's webhooks are not enabled on this gateway.")
+    body = await read_body(request, MAX_BODY_BYTES)
+    received = gateway.metrics.webhooks_received
+    try:
+        result = await accept_webhook(
+            outbox.store, body, signature=request.headers.get(SIGNATURE_HEADER),
+            delivery_id=request.headers.get(DELIVERY_HEADER), secrets=runtime.webhook_secrets,
+            partners_of=runtime.partners_of_org,
+            callback_partners=frozenset(runtime.callbacks), now=callbacks.clock(),
+            dedupe_s=config.webhooks.dedupe_s, callback_max_age_s=config.outbox.max_age_s,
+        )  # fmt: skip
+    except InvalidSignatureError:
+        received.labels(result="invalid_signature").inc()
+        raise
+    received.labels(result=result.value).inc()
+    log_event(20, "webhook_received", result=result.value)
+    if result is WebhookResult.ACCEPTED:
+        callbacks.wake()
+    return web.json_response({"status": result.value})
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -123,6 +161,7 @@ def add_order_routes(app: web.Application) -> None:
     app.router.add_post(ORDER_PATH, external_order)
     app.router.add_post(ORDER_PATH + "/", external_order)
     app.router.add_get(ORDER_PATH + "/{external_reference}", order_status)
+    app.router.add_post(WEBHOOK_PATH, pharmaone_webhook)
 
 
 def add_admin_routes(app: web.Application) -> None:

@@ -7,11 +7,14 @@ old configuration or the new one, never a mix.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from gateway.auth import Caller, KeyRegistry, ShopRef
-from gateway.config import Config
+from gateway.callbacks import CallbackTarget
+from gateway.config import Config, parse_whsec
+from gateway.egress import EgressRefusedError, callback_policy, check_url
+from gateway.errors import ConfigError
 from gateway.manager import UpstreamTarget
 from gateway.normalize import Profile, Target, compile_profile
 
@@ -31,6 +34,11 @@ class Runtime:
     config: Config
     registry: KeyRegistry
     routes: Mapping[str, Route]  # by partner name
+    callbacks: Mapping[str, CallbackTarget] = field(default_factory=dict)  # by partner name
+    # (org_id, secret) of every shop with a Manager webhook subscription.
+    webhook_secrets: tuple[tuple[str, bytes], ...] = ()
+    # org_id → the partners whose orders go to it (a Manager event matches only those).
+    partners_of_org: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     @property
     def targets(self) -> Mapping[str, UpstreamTarget]:
@@ -106,4 +114,47 @@ def build_runtime(config: Config) -> Runtime:
         [(name, p.key_sha256, shop_refs[p.shop]) for name, p in config.partners.items()],
         [ref for ref in shop_refs.values() if ref.accept_org_keys],
     )
-    return Runtime(config=config, registry=registry, routes=routes)
+    return Runtime(
+        config=config,
+        registry=registry,
+        routes=routes,
+        callbacks=build_callback_targets(config),
+        partners_of_org=build_partners_of_org(config),
+        webhook_secrets=tuple(
+            (shop.org_id, shop.webhook_secret.get_secret_value().encode())
+            for shop in config.shops.values()
+            if shop.webhook_secret is not None
+        ),
+    )
+
+
+def build_partners_of_org(config: Config) -> dict[str, frozenset[str]]:
+    """Which partners' orders each org receives (through the partners' shops)."""
+    found: dict[str, set[str]] = {}
+    for name, partner in config.partners.items():
+        found.setdefault(config.shops[partner.shop].org_id, set()).add(name)
+    return {org_id: frozenset(names) for org_id, names in found.items()}
+
+
+def build_callback_targets(config: Config) -> dict[str, CallbackTarget]:
+    """Each listening partner's callback URL (checked against the callback policy) and key.
+
+    Raises:
+        ConfigError: a callback URL the policy refuses (e.g. http without callback_allow_http).
+    """
+    policy = callback_policy(config.webhooks)
+    targets: dict[str, CallbackTarget] = {}
+    for name, partner in config.partners.items():
+        if partner.callback_url is None:
+            continue
+        try:
+            check_url(partner.callback_url, policy)
+        except EgressRefusedError as exc:
+            allowable = "allowed" in exc.reason or "address" in exc.reason
+            hint = " (or set webhooks.callback_allow_*)" if allowable else ""
+            raise ConfigError(f"partners.{name}.callback_url: {exc.reason}{hint}") from None
+        assert partner.callback_secret is not None  # config: a callback_url needs its secret
+        key = parse_whsec(partner.callback_secret.get_secret_value())
+        assert key is not None  # config checked the secret's form
+        targets[name] = CallbackTarget(partner.callback_url, key)
+    return targets

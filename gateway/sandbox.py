@@ -1,23 +1,28 @@
-"""A local stand-in for PharmaOne Manager: token exchange, v1/v2 order-requests, scripted faults.
+"""A local stand-in for PharmaOne Manager: token exchange, v1/v2 order-requests, scripted faults,
+and signed webhooks to a subscribed URL.
 
-It imitates a foreign system, so it uses only aiohttp's server, PyJWT and the stdlib, nothing else
-from ``gateway``. It is the upstream of the demo (``gateway sandbox``) and of integration tests.
+It imitates a foreign system, so it uses only aiohttp (its server, and its client for webhooks),
+PyJWT and the stdlib, nothing else from ``gateway``. It is the upstream of the demo
+(``gateway sandbox``) and of integration tests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import math
 import secrets
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final, Literal
 
+import aiohttp
 import jwt
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -80,6 +85,10 @@ class SandboxState:
     # While set, every Manager endpoint answers it (until DELETE /_sandbox/outage).
     outage: Fault | None = None
     token_ttl_s: int = 3600
+    # Webhooks sent (--webhook-url): event type, delivery id, and the receiver's status (None:
+    # not reached). Tests await ``webhook_tasks`` to see them.
+    webhooks_sent: list[dict[str, object]] = field(default_factory=list)
+    webhook_tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 SANDBOX_KEY: Final = web.AppKey("sandbox", SandboxState)
@@ -190,13 +199,113 @@ def _backend_unauthorized() -> web.Response:
     return _error(401, "Invalid or missing API key")
 
 
+WEBHOOK_TIMEOUT_S: Final = 10.0
+WEBHOOK_TITLES: Final = {
+    "order_request_submitted": "Order request submitted",
+    "order_request_status_updated": "Order request status updated",
+}
+
+
+def build_webhook_signature(secret: bytes, body: bytes) -> str:
+    """Manager's ``X-PharmaOne-Signature``: ``sha256=`` and the hex HMAC-SHA256 of the body."""
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+@dataclass
+class WebhookSink:
+    """Where the sandbox sends its events, and the subscription secret it signs them with."""
+
+    url: str
+    secret: bytes
+
+
+class _Webhooks:
+    """Sends Manager's events in background tasks: the sandbox's answers never wait for them."""
+
+    def __init__(self, state: SandboxState, sink: WebhookSink | None) -> None:
+        self.state = state
+        self.sink = sink
+        self.session: aiohttp.ClientSession | None = None
+
+    async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
+        if self.sink is not None:
+            self.session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=WEBHOOK_TIMEOUT_S)
+            )
+        yield
+        if self.state.webhook_tasks:
+            await asyncio.gather(*self.state.webhook_tasks, return_exceptions=True)
+        if self.session is not None:
+            await self.session.close()
+
+    def emit(self, org_id: str, event_type: str, record: Mapping[str, object], at: float,
+             old_status: str | None, new_status: str) -> None:  # fmt: skip
+        if self.sink is None or self.session is None:
+            return
+        envelope = record.get("envelope")
+        payload = envelope.get("payload") if isinstance(envelope, dict) else None
+        customer = payload.get("customer_name") if isinstance(payload, dict) else None
+        event: dict[str, object] = {
+            "id": str(uuid.uuid4()),
+            "org_id": org_id,
+            "event_type": event_type,
+            "title": WEBHOOK_TITLES.get(event_type, event_type),
+            # Manager's texts may name the customer: the gateway must never relay them.
+            "description": f"Order request for {customer or 'a customer'}: {new_status}",
+            "metadata": {
+                "order_request_id": record["id"],
+                "external_reference": record.get("external_reference"),
+                "old_status": old_status,
+                "new_status": new_status,
+            },
+            "created_at": datetime.fromtimestamp(at, UTC).isoformat().replace("+00:00", "Z"),
+        }
+        task = asyncio.create_task(self._send(self.sink, self.session, event))
+        self.state.webhook_tasks.add(task)
+        task.add_done_callback(self.state.webhook_tasks.discard)
+
+    async def _send(
+        self, sink: WebhookSink, session: aiohttp.ClientSession, event: dict[str, object]
+    ) -> None:
+        body = json.dumps(event).encode()
+        delivery_id = str(uuid.uuid4())
+        headers = {
+            "Content-Type": "application/json",
+            "X-PharmaOne-Event": str(event["event_type"]),
+            "X-PharmaOne-Delivery-Id": delivery_id,
+            "X-PharmaOne-Signature": build_webhook_signature(sink.secret, body),
+        }
+        sent: dict[str, object] = {
+            "event_type": event["event_type"], "delivery_id": delivery_id, "status": None,
+        }  # fmt: skip
+        self.state.webhooks_sent.append(sent)
+        try:
+            async with session.post(sink.url, data=body, headers=headers) as response:
+                sent["status"] = response.status
+                await response.read()
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            sys.stderr.write(f"sandbox: webhook {event['event_type']} not delivered: {exc!r}\n")
+            return
+        if response.status >= 300:
+            sys.stderr.write(
+                f"sandbox: webhook {event['event_type']} answered HTTP {response.status}\n"
+            )
+
+
 class _Manager:
     """The request handlers, bound to one app's state, signing secret and clock."""
 
-    def __init__(self, state: SandboxState, secret: bytes, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        state: SandboxState,
+        secret: bytes,
+        clock: Callable[[], float],
+        webhooks: _Webhooks,
+    ) -> None:
         self.state = state
         self.secret = secret
         self.clock = clock
+        self.webhooks = webhooks
 
     async def exchange_token(self, request: web.Request) -> web.StreamResponse:
         self.state.token_requests += 1
@@ -252,14 +361,18 @@ class _Manager:
         if problem is not None:
             return _error(400, "validation_error", problem)
         request_id = str(uuid.uuid4())
-        self.state.received.append(
-            {
-                "id": request_id,
-                "org_id": org.org_id,
-                "api": api,
-                "envelope": envelope,
-                "received_at": datetime.fromtimestamp(self.clock(), UTC).isoformat(),
-            }
+        record: dict[str, object] = {
+            "id": request_id,
+            "org_id": org.org_id,
+            "api": api,
+            "envelope": envelope,
+            "external_reference": envelope.get("external_reference"),
+            "status": "pending",
+            "received_at": datetime.fromtimestamp(self.clock(), UTC).isoformat(),
+        }
+        self.state.received.append(record)
+        self.webhooks.emit(
+            org.org_id, "order_request_submitted", record, self.clock(), None, "pending"
         )
         return web.json_response(
             {
@@ -351,6 +464,27 @@ class _Manager:
             }
         )
 
+    async def set_status(self, request: web.Request) -> web.StreamResponse:
+        """``POST /_sandbox/order-requests/{id}/status`` ``{"status": "approved"}``: what a
+        pharmacist does in Manager; sends ``order_request_status_updated``."""
+        record = next((r for r in self.state.received if r["id"] == request.match_info["id"]), None)
+        if record is None:
+            return _error(404, "not_found", "No order request with this id.")
+        try:
+            data = json.loads(await request.read())
+        except ValueError:
+            data = None
+        status = data.get("status") if isinstance(data, dict) else None
+        if not isinstance(status, str) or not status.strip():
+            return _error(400, "invalid_body", 'Send {"status": "approved"} (any status).')
+        old_status = record.get("status")
+        record["status"] = status
+        self.webhooks.emit(
+            str(record["org_id"]), "order_request_status_updated", record, self.clock(),
+            old_status if isinstance(old_status, str) else None, status,
+        )  # fmt: skip
+        return web.json_response({"id": record["id"], "status": status})
+
     async def reset(self, request: web.Request) -> web.StreamResponse:
         self.state.received.clear()
         self.state.faults.clear()
@@ -413,8 +547,11 @@ def create_sandbox_app(
     token_ttl_s: int = 3600,
     secret: bytes | None = None,
     clock: Callable[[], float] = time.time,
+    webhook: WebhookSink | None = None,
 ) -> web.Application:
     """A Manager stand-in serving ``orgs`` (default: the demo org); state in ``app[SANDBOX_KEY]``.
+
+    With ``webhook``, it sends Manager's signed events there (contract section 8).
 
     Raises:
         ValueError: two orgs share an id or an integration key.
@@ -427,16 +564,21 @@ def create_sandbox_app(
     if len(by_id) != len(org_list) or len(set(all_keys)) != len(all_keys):
         raise ValueError("sandbox orgs must have distinct org ids and distinct keys")
     state = SandboxState(orgs=by_id, token_ttl_s=token_ttl_s)
-    manager = _Manager(state, secret if secret is not None else secrets.token_bytes(32), clock)
+    webhooks = _Webhooks(state, webhook)
+    manager = _Manager(
+        state, secret if secret is not None else secrets.token_bytes(32), clock, webhooks
+    )
     # Manager documents no size limit; prescriptions of several MB arrive as base64.
     app = web.Application(middlewares=[_kong_not_found], client_max_size=SANDBOX_MAX_BODY)
     app[SANDBOX_KEY] = state
+    app.cleanup_ctx.append(webhooks.lifecycle)
     v1, v2 = _ORG_PATH.format(api="v1"), _ORG_PATH.format(api="v2")
     app.router.add_post(f"{v2}/auth/token", manager.exchange_token)
     app.router.add_post(f"{v1}/order-requests", manager.order_request_v1)
     app.router.add_post(f"{v2}/order-requests", manager.order_request_v2)
     app.router.add_get("/_sandbox/order-requests", manager.list_received)
     app.router.add_delete("/_sandbox/order-requests", manager.reset)
+    app.router.add_post("/_sandbox/order-requests/{id}/status", manager.set_status)
     app.router.add_post("/_sandbox/faults", manager.add_faults)
     app.router.add_post("/_sandbox/outage", manager.start_outage)
     app.router.add_delete("/_sandbox/outage", manager.end_outage)
@@ -444,10 +586,13 @@ def create_sandbox_app(
     return app
 
 
-def run_sandbox(host: str, port: int) -> None:
+def run_sandbox(host: str, port: int, webhook: WebhookSink | None = None) -> None:
     """Serve the demo org on ``host:port`` until interrupted (``gateway sandbox``)."""
     # The key is documented and not secret, but printing keys is a habit this project avoids.
     sys.stderr.write(
         f"sandbox listening on http://{host}:{port} (org {DEMO_ORG_ID}, shop {DEMO_SHOP_ID})\n"
     )
-    web.run_app(create_sandbox_app(), host=host, port=port, print=None, access_log=None)
+    if webhook is not None:
+        sys.stderr.write(f"sandbox sends signed webhooks to {webhook.url}\n")
+    app = create_sandbox_app(webhook=webhook)
+    web.run_app(app, host=host, port=port, print=None, access_log=None)

@@ -55,6 +55,8 @@ def reload_config(gateway: Gateway, path: Path) -> bool:
         gateway.manager_client = gateway.manager_client.with_config(config.manager)
     if config.pdf != old.pdf and gateway.pdf_fetcher is not None:
         gateway.pdf_fetcher.reconfigure(config.pdf)
+    if gateway.callbacks is not None:
+        gateway.callbacks.reconfigure(config.outbox, config.webhooks)
     gateway.runtime = runtime  # one assignment: requests in flight keep the runtime they read
     gateway.metrics.set_config(config.digest)
     log_event(20, "config_reloaded", config=gateway.config_digest)

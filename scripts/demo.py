@@ -1,7 +1,9 @@
-"""`make demo`: the Manager sandbox and the gateway on loopback, with curl lines to paste.
+"""`make demo`: the Manager sandbox, the gateway and a partner's callback receiver on loopback,
+with curl lines to paste.
 
-Starts both as child processes, waits until the gateway's /readyz answers, prints one curl line per
-sample, and stops both (by PID) on Ctrl-C.
+Starts the three as child processes, waits until the gateway's /readyz answers, prints one curl
+line per sample and the closed loop (an order approved in the sandbox, the partner's signed
+callback), and stops all of them (by PID) on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO_ORG_KEY = "demo-org-key-not-a-secret"  # the sandbox's documented demo key
 # Printed in the guide so `gateway outbox list` can be pasted; made fresh for every run.
 DEMO_OUTBOX_KEY = base64.urlsafe_b64encode(os.urandom(32)).decode("ascii")
+# The sandbox signs its webhooks with this (the org's subscription secret in Manager); the gateway
+# signs the partner's callbacks with the other (a Standard Webhooks whsec_ secret).
+DEMO_WEBHOOK_SECRET = os.urandom(24).hex()
+DEMO_CALLBACK_SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode("ascii")
+RECEIVER_PORT = 8070  # config/demo.toml: the partner telemed-one's callback_url
 PARTNER_KEYS = {"telemed-one": "demo-partner-key", "drx": "demo-drx-key"}
 SAMPLES = [
     ("flat-payload.json", "telemed-one", "Manager's payload fields at top level"),
@@ -68,9 +75,10 @@ def print_guide(port: int, sandbox_port: int) -> None:
     print(f"curl -s http://127.0.0.1:{sandbox_port}/_sandbox/order-requests; echo")
     print("curl -s http://127.0.0.1:9091/metrics | grep ^gateway_\n")
     print_outage_guide(order_url, sandbox_port)
+    print_loop_guide(order_url, sandbox_port)
     print("# the operator console in a browser (read-only: demo.toml sets no admin token)")
     print("#   http://127.0.0.1:9091/\n")
-    print("Ctrl-C stops both.\n")
+    print("Ctrl-C stops all three.\n")
 
 
 def print_outage_guide(order_url: str, sandbox_port: int) -> None:
@@ -97,7 +105,42 @@ def print_outage_guide(order_url: str, sandbox_port: int) -> None:
     print("# what the outbox holds (no customer data; bodies are encrypted)")
     print(
         f"DEMO_ORG_KEY={DEMO_ORG_KEY} OUTBOX_KEY={DEMO_OUTBOX_KEY} "
+        f"DEMO_WEBHOOK_SECRET={DEMO_WEBHOOK_SECRET} DEMO_CALLBACK_SECRET={DEMO_CALLBACK_SECRET} "
         ".venv/bin/gateway outbox list --config config/demo.toml\n"
+    )
+
+
+def print_loop_guide(order_url: str, sandbox_port: int) -> None:
+    """The closed loop: Manager's webhooks in, the partner's signed callbacks out."""
+    sandbox = f"http://127.0.0.1:{sandbox_port}"
+    order = (
+        '{"external_reference": "LOOP-1", "customer_name": "Erika Musterfrau", '
+        '"items": [{"name": "Ibuprofen 400", "quantity": 1}]}'
+    )
+    find_id = (
+        f"ID=$(curl -s {sandbox}/_sandbox/order-requests | {sys.executable} -c "
+        '\'import json,sys; print([r["id"] for r in json.load(sys.stdin)["order_requests"] '
+        'if r["external_reference"] == "LOOP-1"][-1])\')'
+    )
+    print("# --- the loop: Manager's webhooks in, signed status callbacks out to the partner ---")
+    print("# 1. an order of telemed-one; the sandbox (Manager) sends the gateway a signed")
+    print("#    order_request_submitted, and the partner receiver prints a verified order.updated")
+    print(
+        f"curl -s {order_url} -H 'apikey: demo-partner-key' -H 'Content-Type: application/json' "
+        f"-d '{order}'; echo"
+    )
+    print("# 2. a pharmacist approves it in Manager: the partner hears order.updated, approved")
+    print(find_id)
+    print(
+        f"curl -s -X POST {sandbox}/_sandbox/order-requests/$ID/status "
+        """-H 'Content-Type: application/json' -d '{"status": "approved"}'; echo"""
+    )
+    print("# 3. the order's status now lists Manager's events")
+    print(f"curl -s {order_url}/LOOP-1 -H 'apikey: demo-partner-key'; echo")
+    print("# a webhook with a wrong signature: 401 invalid_signature, nothing recorded")
+    print(
+        f"curl -s {order_url.rsplit('/api/', 1)[0]}/webhooks/pharmaone "
+        "-H 'X-PharmaOne-Signature: sha256=00' -d '{}'; echo\n"
     )
 
 
@@ -117,12 +160,27 @@ def main() -> int:
     outbox.mkdir(exist_ok=True)
     for stale in outbox.glob("outbox.db*"):
         stale.unlink()
-    env = {**os.environ, "DEMO_ORG_KEY": DEMO_ORG_KEY, "OUTBOX_KEY": DEMO_OUTBOX_KEY}
+    env = {
+        **os.environ,
+        "DEMO_ORG_KEY": DEMO_ORG_KEY,
+        "OUTBOX_KEY": DEMO_OUTBOX_KEY,
+        "DEMO_WEBHOOK_SECRET": DEMO_WEBHOOK_SECRET,
+        "DEMO_CALLBACK_SECRET": DEMO_CALLBACK_SECRET,
+    }
     gateway_cmd = [sys.executable, "-m", "gateway"]
-    sandbox = subprocess.Popen(
-        [*gateway_cmd, "sandbox", "--port", str(args.sandbox_port)], cwd=ROOT
+    receiver = subprocess.Popen(
+        [sys.executable, "scripts/partner_receiver.py", "--port", str(RECEIVER_PORT)],
+        cwd=ROOT,
+        env={**os.environ, "PARTNER_CALLBACK_SECRET": DEMO_CALLBACK_SECRET},
     )
-    processes = [sandbox]
+    processes = [receiver]
+    webhook_url = f"http://127.0.0.1:{args.port}/webhooks/pharmaone"
+    sandbox = subprocess.Popen(
+        [*gateway_cmd, "sandbox", "--port", str(args.sandbox_port), "--webhook-url", webhook_url],
+        cwd=ROOT,
+        env={**os.environ, "SANDBOX_WEBHOOK_SECRET": DEMO_WEBHOOK_SECRET},
+    )
+    processes.append(sandbox)
     try:
         wait_until_ready(f"http://127.0.0.1:{args.sandbox_port}/_sandbox/order-requests", sandbox)
         serve = [*gateway_cmd, "serve", "--config", args.config, "--port", str(args.port)]

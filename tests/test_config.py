@@ -611,7 +611,12 @@ def test_example_config_without_its_variable_names_it() -> None:
 
 
 def test_demo_config_loads_and_its_documented_keys_match_the_hashes() -> None:
-    environ = {"DEMO_ORG_KEY": "demo", "OUTBOX_KEY": new_key()}
+    environ = {
+        "DEMO_ORG_KEY": "demo",
+        "OUTBOX_KEY": new_key(),
+        "DEMO_WEBHOOK_SECRET": "demo-webhook-secret",
+        "DEMO_CALLBACK_SECRET": "whsec_" + "A" * 44,
+    }
     config = load_config(REPO / "config" / "demo.toml", environ=environ)
 
     # demo.toml's header documents the partners' keys; `make demo` prints curl lines with them.
@@ -623,6 +628,7 @@ def test_demo_config_loads_and_its_documented_keys_match_the_hashes() -> None:
     assert config.manager.base_url == "http://127.0.0.1:8090"
     assert ipaddress.ip_network("127.0.0.0/8") in config.pdf.allow_networks
     assert config.outbox.enabled and len(config.outbox.keys) == 1  # the demo shows the outbox
+    assert config.webhooks.enabled and config.partners["telemed-one"].callback_url  # and the loop
 
 
 # --- manager proxy ------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "gateway"
 # Pure: mapping, validation, retry decisions, keys, errors, idempotency. No HTTP library at all.
 PURE = [
     "models", "normalize", "retry", "auth", "errors", "idempotency", "codec", "tokens",
-    "upstream_proxy",
+    "upstream_proxy", "webhooks",
     "console.view", "console.access", "console.page",
 ]  # fmt: skip
 # The server side of aiohttp stays in the edge modules.

@@ -126,6 +126,60 @@ class OutboxStats:
     by_status: dict[str, int] = field(default_factory=dict)
 
 
+class WebhookResult(enum.StrEnum):
+    """What became of a Manager webhook (the ``status`` of the answer, section 11)."""
+
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    IGNORED = "ignored"
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackMessage:
+    """A partner callback waiting to be sent (Standard Webhooks), as stored: no customer data.
+
+    ``id`` is the ``webhook-id``, the same on every attempt; ``created_at`` the body's
+    ``timestamp``. The body is built from these fields, so every attempt sends the same bytes.
+    """
+
+    id: str
+    partner: str
+    type: str  # order.delivered | order.rejected | order.failed | order.updated
+    reference: str
+    status: str  # the order's delivery state
+    order_request_id: str | None
+    manager_status: str | None
+    event: str | None  # Manager's event_type, for order.updated
+    created_at: float
+    expires_at: float  # given up when not delivered by then
+    attempts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingWebhook:
+    """A verified Manager event, to record in one committed write (section 11).
+
+    Matched among the orders of ``org_partners`` (the partners of the org's shops) in
+    ``org_id``: by ``order_request_id``; else by ``reference`` among orders that have no other
+    Manager id (the most recently updated one when several partners used the same reference).
+    A callback is queued (its order fields taken from the updated entry) when the matched
+    order's partner is in ``callback_partners``.
+    """
+
+    delivery_id: str
+    org_id: str
+    org_partners: frozenset[str]
+    order_request_id: str | None
+    reference: str | None
+    event: LedgerEvent
+    manager_status: str | None
+    now: float
+    dedupe_until: float
+    callback_partners: frozenset[str]
+    callback_id: str
+    callback_expires_at: float
+
+
 class OutboxStore(StateStore, Protocol):
     """The outbox and its ledger. Every write is committed (durable) before the call returns.
 
@@ -179,5 +233,34 @@ class OutboxStore(StateStore, Protocol):
         ...
 
     async def purge(self, now: float, ledger_s: float) -> int:
-        """Forget settled and failed orders last updated more than ``ledger_s`` ago."""
+        """Forget settled and failed orders last updated more than ``ledger_s`` ago (and
+        webhook delivery ids past their ``dedupe_until``)."""
+        ...
+
+    # --- Manager's webhooks and partner callbacks (section 11) ---------------------------------
+
+    async def record_webhook(self, webhook: IncomingWebhook) -> WebhookResult:
+        """In one committed write: a delivery id seen before is DUPLICATE (nothing changes);
+        else the id is remembered and the event matched: IGNORED, or ACCEPTED with the event
+        added to the order, ``manager_status`` set, and its partner's callback queued."""
+        ...
+
+    async def put_callback(self, message: CallbackMessage) -> None:
+        """Queue a callback, due now (an order the deliverer settled)."""
+        ...
+
+    async def take_due_callbacks(
+        self, now: float, lease_s: float, limit: int
+    ) -> list[CallbackMessage]:
+        """Callbacks whose time has come, each leased to the caller until ``now + lease_s``.
+
+        A callback whose lease lapses (its sender died) is due again.
+        """
+        ...
+
+    async def settle_callback(
+        self, message_id: str, now: float, next_attempt_at: float | None
+    ) -> None:
+        """Record an attempt: ``next_attempt_at`` None forgets the message (delivered or given
+        up); otherwise it is due again then, with one more attempt counted."""
         ...

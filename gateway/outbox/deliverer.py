@@ -35,6 +35,7 @@ from gateway.outbox import (
     Remember,
     Settlement,
 )
+from gateway.outbox.polling import run_polling
 from gateway.outbox.sealing import Sealer, SealError
 from gateway.retry import outbox_delay
 from gateway.state import StoredReply
@@ -207,20 +208,13 @@ class Outbox:
     ) -> None:
         """Deliver due orders until :meth:`stop`; ``targets`` and ``manager`` are read afresh
         each round, so a reload applies to orders already queued."""
-        while not self._stopping:
-            try:
-                busy = await self.run_once(targets(), manager())
-            except StateUnavailableError:
-                busy = 0  # logged by the store; try again next round
-            except Exception:  # a bug must not end deliveries for good
-                log_event(40, "outbox_deliverer_error", exc_info=True)
-                busy = 0
-            if not busy:
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=poll_s)
-                except TimeoutError:
-                    pass
-                self._wake.clear()
+        await run_polling(
+            lambda: self.run_once(targets(), manager()),
+            wake=self._wake,
+            stopping=lambda: self._stopping,
+            poll_s=poll_s,
+            error_event="outbox_deliverer_error",
+        )
 
     def stop(self) -> None:
         """Finish the deliveries in flight, take no more."""

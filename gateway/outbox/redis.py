@@ -23,7 +23,9 @@ from redis.exceptions import RedisError
 from gateway.errors import StateUnavailableError
 from gateway.observability import log_event
 from gateway.outbox import (
+    CallbackMessage,
     DueOrder,
+    IncomingWebhook,
     LedgerEntry,
     LedgerEvent,
     NewOrder,
@@ -31,8 +33,10 @@ from gateway.outbox import (
     OutboxStats,
     Remember,
     Settlement,
+    WebhookResult,
 )
 from gateway.outbox import redis_scripts as lua
+from gateway.outbox.redis_webhooks import RedisWebhooks
 from gateway.outbox.sealing import Sealer, SealError
 from gateway.state.redis import NAMESPACE, RedisStore
 
@@ -74,6 +78,10 @@ class RedisOutbox(RedisStore):
         self._requeue, self._drop = register(lua.REQUEUE), register(lua.DROP)
         self._take_due, self._list = register(lua.TAKE_DUE), register(lua.LIST)
         self._purge = register(lua.PURGE)
+        self._webhooks = RedisWebhooks(
+            self, order_prefix=self._prefix, indexes=list(self._indexes.values()),
+            member_of=build_member, time=_time,
+        )  # fmt: skip
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -146,7 +154,7 @@ class RedisOutbox(RedisStore):
             _optional(settlement.last_error), _optional(settlement.order_request_id),
             _optional(settlement.manager_status),
             _optional(None if event is None else _dump_event(event)),
-            *_remember_args(remember),
+            *_remember_args(remember), self._webhooks.manager_id_prefix,
         ]  # fmt: skip
         row = await self.call(self._settle, self._keys_of(partner, reference, remember), args)
         return None if row is None else _to_entry(row)
@@ -196,13 +204,31 @@ class RedisOutbox(RedisStore):
         indexes = [
             index for status, index in self._indexes.items() if status is not OrderStatus.QUEUED
         ]
-        args = [_time(now - ledger_s), PURGE_BATCH, self._prefix]
+        args = [_time(now - ledger_s), PURGE_BATCH, self._prefix, self._webhooks.manager_id_prefix]
         total = 0
         while True:
             purged = int(await self.call(self._purge, indexes, args))
             total += purged
             if purged < PURGE_BATCH:
                 return total
+
+    # --- Manager's webhooks and partner callbacks (redis_webhooks.py) -------------------------
+
+    async def record_webhook(self, webhook: IncomingWebhook) -> WebhookResult:
+        return await self._webhooks.record_webhook(webhook)
+
+    async def put_callback(self, message: CallbackMessage) -> None:
+        await self._webhooks.put_callback(message)
+
+    async def take_due_callbacks(
+        self, now: float, lease_s: float, limit: int
+    ) -> list[CallbackMessage]:
+        return await self._webhooks.take_due_callbacks(now, lease_s, limit)
+
+    async def settle_callback(
+        self, message_id: str, now: float, next_attempt_at: float | None
+    ) -> None:
+        await self._webhooks.settle_callback(message_id, now, next_attempt_at)
 
 
 def _opens(sealer: Sealer, canary: bytes) -> bool:

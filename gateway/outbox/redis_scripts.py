@@ -80,7 +80,8 @@ return 1
 )
 
 # ARGV member, status, now, attempted (0/1), next attempt, then optional values ('' for none,
-# else '=' and the value): last error, Manager's id, Manager's status, event (JSON); remember (6).
+# else '=' and the value): last error, Manager's id, Manager's status, event (JSON); remember (6);
+# the prefix of the keys that lead from Manager's ids to orders.
 SETTLE: Final = (
     PRELUDE
     + """
@@ -111,7 +112,12 @@ elseif new == 'delivered' then
   redis.call('HDEL', KEYS[1], 'last_error')
 end
 local order_request_id, manager_status = opt(ARGV[7]), opt(ARGV[8])
-if order_request_id then redis.call('HSET', KEYS[1], 'order_request_id', order_request_id) end
+if order_request_id then
+  redis.call('HSET', KEYS[1], 'order_request_id', order_request_id)
+  -- Manager's webhooks find the order by its id (redis_webhooks.py); ARGV[16]: the key prefix.
+  local org = redis.call('HGET', KEYS[1], 'org_id')
+  redis.call('SET', ARGV[16] .. redis.sha1hex(org .. '\\n' .. order_request_id), ARGV[1])
+end
 if manager_status then redis.call('HSET', KEYS[1], 'manager_status', manager_status) end
 local event = opt(ARGV[9])
 if event then
@@ -190,12 +196,15 @@ return entries
 """
 )
 
-# KEYS the indexes of orders no longer queued; ARGV cutoff, limit, order key prefix.
+# KEYS the indexes of orders no longer queued; ARGV cutoff, limit, order key prefix, the prefix
+# of the keys that lead from Manager's ids to orders (deleted with their orders).
 PURGE: Final = """
 local left = tonumber(ARGV[2])
 for _, index in ipairs(KEYS) do
   local old = redis.call('ZRANGEBYSCORE', index, '-inf', '(' .. ARGV[1], 'LIMIT', 0, left)
   for _, member in ipairs(old) do
+    local order = redis.call('HMGET', ARGV[3] .. member, 'org_id', 'order_request_id')
+    if order[2] then redis.call('DEL', ARGV[4] .. redis.sha1hex(order[1] .. '\\n' .. order[2])) end
     redis.call('DEL', ARGV[3] .. member)
     redis.call('ZREM', index, member)
   end

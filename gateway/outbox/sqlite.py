@@ -26,7 +26,9 @@ from gateway.errors import StateUnavailableError
 from gateway.observability import log_event
 from gateway.outbox import (
     SETTLED,
+    CallbackMessage,
     DueOrder,
+    IncomingWebhook,
     LedgerEntry,
     LedgerEvent,
     NewOrder,
@@ -34,6 +36,7 @@ from gateway.outbox import (
     OutboxStats,
     Remember,
     Settlement,
+    WebhookResult,
 )
 from gateway.outbox.sealing import Sealer, SealError
 from gateway.outbox.writer import SqliteWriter
@@ -63,6 +66,21 @@ _SCHEMA: Final = (
     """CREATE TABLE idempotency (
         key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, status INTEGER NOT NULL,
         content_type TEXT NOT NULL, body BLOB NOT NULL, expires_at REAL NOT NULL)""",
+)
+# Section 11's tables, added to any outbox file the serving process opens (idempotent).
+_WEBHOOK_SCHEMA: Final = (
+    "CREATE TABLE IF NOT EXISTS webhook_deliveries (id TEXT PRIMARY KEY, expires_at REAL NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS callbacks (
+        id TEXT PRIMARY KEY, partner TEXT NOT NULL, type TEXT NOT NULL, reference TEXT NOT NULL,
+        status TEXT NOT NULL, order_request_id TEXT, manager_status TEXT, event TEXT,
+        created_at REAL NOT NULL, expires_at REAL NOT NULL, attempts INTEGER NOT NULL,
+        next_at REAL NOT NULL, leased INTEGER NOT NULL DEFAULT 0)""",
+    "CREATE INDEX IF NOT EXISTS callbacks_due ON callbacks (next_at)",
+    "CREATE INDEX IF NOT EXISTS orders_reference ON orders (org_id, reference)",
+)
+_CALLBACK_COLUMNS: Final = (
+    "id, partner, type, reference, status, order_request_id, manager_status, event, "
+    "created_at, expires_at, attempts"
 )
 _LEDGER_COLUMNS: Final = (
     "partner, reference, org_id, status, attempts, created_at, updated_at, "
@@ -139,6 +157,7 @@ class SqliteOutbox:
             connection.execute("PRAGMA journal_mode = WAL")
             connection.execute("PRAGMA synchronous = FULL")
             if self._owner:
+                self._add_webhook_tables(connection)
                 self._follow_rotation(connection)
                 self._recover(connection)
             if self._max_pages is not None:
@@ -190,12 +209,21 @@ class SqliteOutbox:
                 "UPDATE meta SET value = ? WHERE name = 'canary'", (self._sealer.seal(CANARY),)
             )
 
+    def _add_webhook_tables(self, connection: sqlite3.Connection) -> None:
+        connection.execute("BEGIN IMMEDIATE")
+        for statement in _WEBHOOK_SCHEMA:
+            connection.execute(statement)
+        connection.execute("COMMIT")
+
     def _recover(self, connection: sqlite3.Connection) -> None:
-        # Orders left leased by a crash of this (the only serving) process are due again now.
+        # Orders and callbacks left leased by a crash of this (the only serving) process are
+        # due again now.
+        now = self._clock()
         connection.execute(
             "UPDATE orders SET next_at = ?, leased = 0 WHERE status = 'queued' AND leased = 1",
-            (self._clock(),),
+            (now,),
         )
+        connection.execute("UPDATE callbacks SET next_at = ?, leased = 0 WHERE leased = 1", (now,))
 
     async def close(self) -> None:
         writer, self._writer = self._writer, None
@@ -413,9 +441,126 @@ class SqliteOutbox:
                 (now - ledger_s,),
             ).rowcount
             connection.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
+            connection.execute("DELETE FROM webhook_deliveries WHERE expires_at <= ?", (now,))
             return orders
 
         return await self._run(write)
+
+    # --- Manager's webhooks and partner callbacks ----------------------------------------------
+
+    async def record_webhook(self, webhook: IncomingWebhook) -> WebhookResult:
+        return await self._run(lambda c: _record_webhook(c, webhook))
+
+    async def put_callback(self, message: CallbackMessage) -> None:
+        await self._run(lambda c: _insert_callback(c, message, message.created_at))
+
+    async def take_due_callbacks(
+        self, now: float, lease_s: float, limit: int
+    ) -> list[CallbackMessage]:
+        def take(connection: sqlite3.Connection) -> list[CallbackMessage]:
+            rows = connection.execute(
+                f"SELECT {_CALLBACK_COLUMNS} FROM callbacks WHERE next_at <= ? "
+                "ORDER BY next_at LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            connection.executemany(
+                "UPDATE callbacks SET next_at = ?, leased = 1 WHERE id = ?",
+                [(now + lease_s, row[0]) for row in rows],
+            )
+            return [CallbackMessage(*row) for row in rows]
+
+        return await self._run(take)
+
+    async def settle_callback(
+        self, message_id: str, now: float, next_attempt_at: float | None
+    ) -> None:
+        def write(connection: sqlite3.Connection) -> None:
+            if next_attempt_at is None:
+                connection.execute("DELETE FROM callbacks WHERE id = ?", (message_id,))
+                return
+            connection.execute(
+                "UPDATE callbacks SET next_at = ?, leased = 0, attempts = attempts + 1 "
+                "WHERE id = ?",
+                (next_attempt_at, message_id),
+            )
+
+        await self._run(write)
+
+
+def _record_webhook(connection: sqlite3.Connection, webhook: IncomingWebhook) -> WebhookResult:
+    seen = connection.execute(
+        "SELECT 1 FROM webhook_deliveries WHERE id = ? AND expires_at > ?",
+        (webhook.delivery_id, webhook.now),
+    ).fetchone()
+    if seen is not None:
+        return WebhookResult.DUPLICATE
+    connection.execute(
+        "INSERT OR REPLACE INTO webhook_deliveries VALUES (?, ?)",
+        (webhook.delivery_id, webhook.dedupe_until),
+    )
+    found = _match(connection, webhook)
+    if found is None:
+        return WebhookResult.IGNORED
+    partner, reference = found
+    entry = _select_entry(connection, partner, reference)
+    assert entry is not None  # matched in this transaction
+    events = (*entry.events, webhook.event)
+    connection.execute(
+        "UPDATE orders SET events = ?, manager_status = coalesce(?, manager_status), "
+        "order_request_id = coalesce(order_request_id, ?), updated_at = ? "
+        "WHERE partner = ? AND reference = ?",
+        (
+            _dump_events(events), webhook.manager_status, webhook.order_request_id, webhook.now,
+            partner, reference,
+        ),
+    )  # fmt: skip
+    if partner in webhook.callback_partners:
+        updated = _select_entry(connection, partner, reference)
+        assert updated is not None
+        message = CallbackMessage(
+            id=webhook.callback_id, partner=partner, type="order.updated", reference=reference,
+            status=updated.status.value, order_request_id=updated.order_request_id,
+            manager_status=updated.manager_status, event=webhook.event.type,
+            created_at=webhook.now, expires_at=webhook.callback_expires_at,
+        )  # fmt: skip
+        _insert_callback(connection, message, webhook.now)
+    return WebhookResult.ACCEPTED
+
+
+def _match(connection: sqlite3.Connection, webhook: IncomingWebhook) -> tuple[str, str] | None:
+    """The order an event is about: by Manager's id, else by reference among orders without
+    another Manager id (the most recently updated, when partners share a reference)."""
+    partners = sorted(webhook.org_partners)
+    among = f"partner IN ({', '.join('?' * len(partners))})"
+    row = None
+    if webhook.order_request_id is not None:
+        row = connection.execute(
+            f"SELECT partner, reference FROM orders WHERE org_id = ? AND {among} "
+            "AND order_request_id = ? ORDER BY updated_at DESC LIMIT 1",
+            (webhook.org_id, *partners, webhook.order_request_id),
+        ).fetchone()
+    if row is None and webhook.reference is not None:
+        row = connection.execute(
+            f"SELECT partner, reference FROM orders WHERE org_id = ? AND {among} "
+            "AND reference = ? AND (order_request_id IS NULL OR ? IS NULL) "
+            "ORDER BY updated_at DESC LIMIT 1",
+            (webhook.org_id, *partners, webhook.reference, webhook.order_request_id),
+        ).fetchone()
+    return None if row is None else (row[0], row[1])
+
+
+def _insert_callback(
+    connection: sqlite3.Connection, message: CallbackMessage, next_at: float
+) -> None:
+    connection.execute(
+        f"INSERT OR IGNORE INTO callbacks ({_CALLBACK_COLUMNS}, next_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            message.id, message.partner, message.type, message.reference, message.status,
+            message.order_request_id, message.manager_status, message.event, message.created_at,
+            message.expires_at, message.attempts, next_at,
+        ),
+    )  # fmt: skip
 
 
 def _read_canary(connection: sqlite3.Connection) -> bytes:
