@@ -71,7 +71,9 @@ def create_app(
     # Body size is enforced by intake.py against the live server.max_body_mb (which a reload may
     # raise); aiohttp's own 1 MiB default would refuse bodies the operator allowed.
     app = web.Application(
-        middlewares=[create_middleware(gateway.metrics)], client_max_size=UNLIMITED_BODY
+        middlewares=[create_middleware(gateway.metrics)],
+        client_max_size=UNLIMITED_BODY,
+        handler_args=connection_settings(config),
     )
     app[GATEWAY_KEY] = gateway
     add_order_routes(app)
@@ -81,9 +83,24 @@ def create_app(
     return app
 
 
+def connection_settings(config: Config) -> dict[str, object]:
+    """How aiohttp serves each connection of both ports.
+
+    ``keepalive_timeout``: aiohttp closes a connection whose next request's headers are not
+    complete this long after it opened or its previous answer was sent; that is the headers'
+    deadline (the body's is kept by intake.py). ``auto_decompress`` off: intake.py decodes
+    Content-Encoding itself, counting decoded bytes against the limit, so that a broken encoding
+    is the contract's 400 rather than aiohttp's plain-text one.
+    """
+    return {"keepalive_timeout": config.server.read_timeout_s, "auto_decompress": False}
+
+
 def create_admin_app(gateway: Gateway) -> web.Application:
     """``/healthz``, ``/readyz``, ``/metrics`` for operators and probes, on their own port."""
-    app = web.Application(middlewares=[create_middleware(None)])
+    app = web.Application(
+        middlewares=[create_middleware(None)],
+        handler_args=connection_settings(gateway.runtime.config),
+    )
     app[GATEWAY_KEY] = gateway
     add_admin_routes(app)
     return app

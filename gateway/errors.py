@@ -5,7 +5,7 @@ error. The tree branches by who has to act::
 
     GatewayError (500 internal_error)
     ├── PartnerError            4xx: the partner can fix the request
-    │   ├── InvalidJsonError, UnauthorizedError, WrongHostError, ShopMismatchError, ...
+    │   ├── InvalidJsonError, UnauthorizedError, WrongHostError, RequestTimeoutError, ...
     │   ├── ValidationFailedError              (details: one entry per problem)
     │   ├── PrescriptionPdf{Invalid,Unreachable,Blocked}Error
     │   └── UpstreamRejectedError              Manager refused the order (Manager's status)
@@ -33,6 +33,8 @@ class GatewayError(Exception):
     default_message: ClassVar[str] = (
         "An internal error occurred; it was logged with the request id."
     )
+    # True where the rest of the request cannot be trusted to follow (a body cut off mid-way).
+    closes_connection: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -94,6 +96,15 @@ class MethodNotAllowedError(PartnerError):
     status = 405
     code = "method_not_allowed"
     default_message = "Only POST is allowed on this path."
+
+
+class RequestTimeoutError(PartnerError):
+    """The body did not arrive within ``server.read_timeout_s``; the connection is closed after."""
+
+    status = 408
+    code = "request_timeout"
+    default_message = "The request body did not arrive in time."
+    closes_connection = True
 
 
 class IdempotencyConflictError(PartnerError):

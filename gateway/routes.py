@@ -42,7 +42,8 @@ async def external_order(request: web.Request) -> web.Response:
         wait_s = await gateway.state.take(f"rate:{caller.name}", route.rate_per_min)
         if wait_s > 0:
             raise RateLimitedError(to_retry_after_header(wait_s))
-    intake = await read_intake(request, runtime.config.server.max_body_bytes)
+    server = runtime.config.server
+    intake = await read_intake(request, server.max_body_bytes, server.read_timeout_s)
     order = prepare_order(
         intake.body,
         route,
