@@ -17,6 +17,9 @@ from gateway.gateway import GATEWAY_KEY, Gateway
 from gateway.manager import USER_AGENT, ManagerClient
 from gateway.middleware import create_middleware
 from gateway.observability import Metrics, log_event
+from gateway.outbox.deliverer import Outbox
+from gateway.outbox.factory import create_outbox_store, open_outbox_store
+from gateway.outbox.sealing import Sealer
 from gateway.pdf import PdfFetcher
 from gateway.routes import add_admin_routes, add_order_routes
 from gateway.runtime import build_runtime
@@ -37,20 +40,33 @@ class Seams:
     rand: Callable[[], float] = random.random
     pdf_resolver: AbstractResolver | None = None
     metrics: Metrics = field(default_factory=Metrics)
+    # How often the outbox's deliverer looks for due orders; None: tests call run_once.
+    deliverer_poll_s: float | None = 1.0
+    outbox_max_pages: int | None = None  # tests: a full disk, as SQLite reports it
 
 
 def create_gateway(config: Config, seams: Seams | None = None) -> Gateway:
     """The shared state for both apps (compiles the configuration)."""
     seams = seams or Seams()
-    gateway = Gateway(
-        runtime=build_runtime(config), state=create_store(config, seams), metrics=seams.metrics
-    )
+    runtime = build_runtime(config)
+    if config.outbox.enabled:
+        # The outbox's store is also the state store: idempotency records survive a restart.
+        outbox_store = create_outbox_store(
+            config, clock=seams.clock, max_pages=seams.outbox_max_pages
+        )
+        gateway = Gateway(runtime=runtime, state=outbox_store, metrics=seams.metrics)
+        gateway.outbox = Outbox(
+            outbox_store, Sealer(config.outbox.keys), config.outbox,
+            metrics=seams.metrics, clock=seams.clock, rand=seams.rand,
+        )  # fmt: skip
+    else:
+        gateway = Gateway(runtime=runtime, state=create_store(config, seams), metrics=seams.metrics)
     gateway.metrics.set_config(config.digest)
     return gateway
 
 
 def create_store(config: Config, seams: Seams) -> StateStore:
-    """The configured state backend: this process's memory, or Redis shared by all."""
+    """The configured state backend without the outbox: this process's memory, or Redis."""
     if config.state.backend == "redis":
         from gateway.state.redis import RedisStore  # only then: redis-py costs memory and start-up
 
@@ -133,14 +149,34 @@ def _services(gateway: Gateway, seams: Seams) -> Callable[[web.Application], Asy
             record=lambda result: gateway.metrics.pdf_fetches.labels(result=result).inc(),
         )
         await gateway.pdf_fetcher.start()
+        deliverer = await _start_outbox(gateway, seams)
         gateway.started = True
         log_event(20, "services_started", config=gateway.config_digest)
         try:
             yield
         finally:
             gateway.started = False
+            if deliverer is not None:
+                assert gateway.outbox is not None
+                gateway.outbox.stop()  # deliveries in flight finish; none is cut off midway
+                await deliverer
             await gateway.pdf_fetcher.close()
             await session.close()
             await gateway.state.close()
 
     return lifecycle
+
+
+async def _start_outbox(gateway: Gateway, seams: Seams) -> asyncio.Task[None] | None:
+    """Open the outbox's store and start its deliverer (None: no outbox, or no loop in tests)."""
+    outbox = gateway.outbox
+    if outbox is None:
+        return None
+    await open_outbox_store(outbox.store)  # a store that cannot be used says so in the log
+    if seams.deliverer_poll_s is None:
+        return None
+    poll_s = min(seams.deliverer_poll_s, outbox.config.retry_min_s)
+    return asyncio.create_task(
+        outbox.run(lambda: gateway.runtime.targets, lambda: gateway.manager, poll_s=poll_s),
+        name="outbox-deliverer",
+    )

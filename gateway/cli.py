@@ -1,12 +1,15 @@
-"""The ``gateway`` command: serve, map, check-config, new-key, hash-key, sandbox."""
+"""The ``gateway`` command: serve, map, check-config, new-key, hash-key, sandbox, new-secret,
+outbox."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import secrets
 import sys
+import time
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -15,8 +18,10 @@ from gateway.auth import hash_key
 from gateway.config import Config, load_config, resolve_config_path
 from gateway.errors import ConfigError, GatewayError
 from gateway.intake import parse_json_object
+from gateway.ledger import build_status
 from gateway.observability import setup_logging
 from gateway.orders import prepare_order
+from gateway.outbox import LedgerEntry, OrderStatus
 from gateway.runtime import Runtime, build_runtime
 
 EXIT_OK: Final = 0
@@ -58,6 +63,27 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox = commands.add_parser("sandbox", help="run the local Manager stand-in")
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--port", type=int, default=DEFAULT_SANDBOX_PORT)
+
+    secret = commands.add_parser(
+        "new-secret", help="print a fresh secret for the outbox or webhooks"
+    )
+    secret.add_argument("kind", choices=("outbox", "webhook"))
+
+    outbox = commands.add_parser("outbox", help="stored orders: list, retry a failed one, drop")
+    actions = outbox.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="orders and their delivery state")
+    listing.add_argument("--config")
+    listing.add_argument("--status", choices=[status.value for status in OrderStatus])
+    listing.add_argument("--json", action="store_true", help="one JSON document")
+    listing.add_argument("--limit", type=int, default=100)
+    for name, text in (
+        ("retry", "a failed order goes back to queued"),
+        ("drop", "discard a queued or failed order's body"),
+    ):
+        action = actions.add_parser(name, help=text)
+        action.add_argument("--config")
+        action.add_argument("--partner", required=True)
+        action.add_argument("reference")
     return parser
 
 
@@ -70,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "new-key": _new_key,
         "hash-key": _hash_key,
         "sandbox": _sandbox,
+        "new-secret": _new_secret,
+        "outbox": _outbox,
     }[args.command]
     return handler(args)
 
@@ -173,6 +201,13 @@ def _check_config(args: argparse.Namespace) -> int:
         profile = f", profile {partner.profile}" if partner.profile else ""
         rate = f", {partner.rate_per_min}/min" if partner.rate_per_min else ""
         print(f"partner {name}: shop {partner.shop}, pdf {partner.pdf}{profile}{rate}")
+    outbox = config.outbox
+    if outbox.enabled:
+        where = "redis" if config.state.backend == "redis" else outbox.path
+        print(
+            f"outbox: {where}, {len(outbox.keys)} key(s), max age {outbox.max_age_hours:g} h, "
+            f"retries {outbox.retry_min_s:g}-{outbox.retry_max_s:g} s"
+        )
     return EXIT_OK
 
 
@@ -190,6 +225,94 @@ def _hash_key(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     print(hash_key(key))
     return EXIT_OK
+
+
+def _new_secret(args: argparse.Namespace) -> int:
+    if args.kind == "outbox":
+        from gateway.outbox.sealing import new_key
+
+        print(new_key())
+    else:
+        print("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode("ascii"))
+    return EXIT_OK
+
+
+def _outbox(args: argparse.Namespace) -> int:
+    loaded = _load(args.config)
+    if loaded is None:
+        return EXIT_CONFIG
+    config, _ = loaded
+    if not config.outbox.enabled:
+        print("gateway: the outbox is not enabled ([outbox] enabled = false)", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging("warning", "text", stream=sys.stderr)  # stdout is the command's answer
+    return asyncio.run(_outbox_action(args, config))
+
+
+async def _outbox_action(args: argparse.Namespace, config: Config) -> int:
+    from gateway.outbox.actions import drop_order, retry_order
+    from gateway.outbox.factory import create_outbox_store, open_outbox_store
+
+    store = create_outbox_store(config, owner=False)
+    try:
+        problem = await open_outbox_store(store)
+        if problem is not None:
+            print(f"gateway: the outbox cannot be used: {problem}", file=sys.stderr)
+            return EXIT_FAILED
+        now = time.time()
+        if args.action == "list":
+            status = OrderStatus(args.status) if args.status else None
+            entries = await store.list_entries(status, limit=args.limit)
+            print(format_entries(entries, now, as_json=args.json))
+            return EXIT_OK
+        if args.action == "retry":
+            done = await retry_order(store, config.outbox, args.partner, args.reference, now)
+            what = "queued again" if done else "not retried: no failed order with this reference"
+        else:
+            done = await drop_order(store, args.partner, args.reference, now)
+            what = (
+                "dropped" if done else "not dropped: no queued or failed order with this reference"
+            )
+        print(f"{args.partner} {args.reference}: {what}")
+        return EXIT_OK if done else EXIT_FAILED
+    except GatewayError as exc:
+        print(f"gateway: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        await store.close()
+
+
+def format_entries(entries: Sequence[LedgerEntry], now: float, *, as_json: bool) -> str:
+    """The ledger as a table for people, or as JSON (no customer data either way)."""
+    if as_json:
+        documents = [{"partner": entry.partner, **build_status(entry)} for entry in entries]
+        return json.dumps(documents, indent=2, ensure_ascii=False)
+    rows = [("REFERENCE", "PARTNER", "STATUS", "ATTEMPTS", "AGE", "LAST ERROR")]
+    rows += [
+        (
+            entry.reference,
+            entry.partner,
+            entry.status.value,
+            str(entry.attempts),
+            format_age(now - entry.created_at),
+            entry.last_error or "-",
+        )
+        for entry in entries
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def format_age(seconds: float) -> str:
+    """``42s``, ``17m``, ``5h``, ``3d``: how long ago, roughly."""
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def _sandbox(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ errors naming their path) → cross-checks → secrets resolved from ``*_env`` /
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import ipaddress
 import os
@@ -202,6 +203,44 @@ class StateConfig(_Section):
         return self
 
 
+class OutboxConfig(_Section):
+    """Store and forward (contract section 9): orders kept encrypted until Manager takes them."""
+
+    enabled: bool = False
+    path: str = "/var/lib/telemed-gateway/outbox.db"
+    key_env: str | None = None
+    key_file: str | None = None
+    max_age_hours: PositiveFloat = 72
+    retry_min_s: PositiveFloat = 5
+    retry_max_s: PositiveFloat = 600
+    ledger_days: PositiveFloat = 30
+    # Filled by load_config from key_env / key_file: Fernet keys, the first one encrypts.
+    keys: tuple[SecretStr, ...] = Field(default=(), exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_key(cls, data: Any) -> Any:
+        if isinstance(data, dict) and ("key" in data or "keys" in data):
+            raise ValueError("secrets never live in the file: use key_env or key_file")
+        return data
+
+    @model_validator(mode="after")
+    def _checks(self) -> OutboxConfig:
+        if self.key_env and self.key_file:
+            raise ValueError("set key_env or key_file, not both")
+        if self.retry_max_s < self.retry_min_s:
+            raise ValueError("retry_max_s must be at least retry_min_s")
+        return self
+
+    @property
+    def max_age_s(self) -> float:
+        return self.max_age_hours * 3600
+
+    @property
+    def ledger_s(self) -> float:
+        return self.ledger_days * 86400
+
+
 class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -218,6 +257,7 @@ class Config(_Section):
     pdf: PdfConfig = PdfConfig()
     idempotency: IdempotencyConfig = IdempotencyConfig()
     state: StateConfig = StateConfig()
+    outbox: OutboxConfig = OutboxConfig()
     logging: LoggingConfig = LoggingConfig()
     # sha256 of the file's bytes: which configuration is active (logs, metrics, reload).
     digest: str = Field(default="", exclude=True)
@@ -306,7 +346,50 @@ def parse_config(
                 "or unix:// URL"
             )
         state = state.model_copy(update={"redis_url": SecretStr(url)})
-    return config.model_copy(update={"shops": shops, "digest": digest, "state": state})
+    outbox = _with_outbox_keys(config.outbox, environ)
+    return config.model_copy(
+        update={"shops": shops, "digest": digest, "state": state, "outbox": outbox}
+    )
+
+
+def _with_outbox_keys(outbox: OutboxConfig, environ: Mapping[str, str]) -> OutboxConfig:
+    """The outbox's Fernet keys, checked now: an enabled outbox never starts without them."""
+    if not outbox.enabled:
+        return outbox
+    if outbox.key_env:
+        name, value = "outbox.key_env", environ.get(outbox.key_env, "")
+        if not value.strip():
+            raise ConfigError(f"{name}: environment variable {outbox.key_env} is not set or empty")
+    elif outbox.key_file:
+        name = "outbox.key_file"
+        value = _read_secret_file(name, outbox.key_file)
+    else:
+        raise ConfigError("outbox.key_env: an enabled outbox needs key_env or key_file")
+    keys = tuple(part.strip() for part in value.split(",") if part.strip())
+    for index, key in enumerate(keys):
+        if not is_fernet_key(key):
+            raise ConfigError(
+                f"{name}: key {index + 1} is not a Fernet key (see `gateway new-secret outbox`)"
+            )
+    return outbox.model_copy(update={"keys": tuple(SecretStr(key) for key in keys)})
+
+
+def is_fernet_key(key: str) -> bool:
+    """Whether ``key`` is what Fernet takes: 32 bytes, url-safe base64."""
+    try:
+        return len(base64.urlsafe_b64decode(key.encode("ascii"))) == 32 and len(key) == 44
+    except (ValueError, UnicodeEncodeError):
+        return False
+
+
+def _read_secret_file(name: str, path: str) -> str:
+    try:
+        value = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {path}: {exc.strerror}") from None
+    if not value.strip():
+        raise ConfigError(f"{name}: {path} is empty")
+    return value
 
 
 def _with_secret(name: str, shop: ShopConfig, environ: Mapping[str, str]) -> ShopConfig:
@@ -318,15 +401,7 @@ def _with_secret(name: str, shop: ShopConfig, environ: Mapping[str, str]) -> Sho
                 f"{shop.manager_key_env} is not set or empty"
             )
     elif shop.manager_key_file:
-        try:
-            value = Path(shop.manager_key_file).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(
-                f"shops.{name}.manager_key_file: cannot read {shop.manager_key_file}: "
-                f"{exc.strerror}"
-            ) from None
-        if not value.strip():
-            raise ConfigError(f"shops.{name}.manager_key_file: {shop.manager_key_file} is empty")
+        value = _read_secret_file(f"shops.{name}.manager_key_file", shop.manager_key_file)
     else:
         return shop
     return shop.model_copy(update={"manager_key": SecretStr(value.strip())})

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from gateway.manager import ManagerClient
 from gateway.observability import Metrics
+from gateway.outbox.deliverer import Outbox
 from gateway.pdf import PdfFetcher
 from gateway.runtime import Runtime
 from gateway.state import StateStore
@@ -25,6 +26,7 @@ class Gateway:
     metrics: Metrics = field(default_factory=Metrics)
     manager_client: ManagerClient | None = None
     pdf_fetcher: PdfFetcher | None = None
+    outbox: Outbox | None = None  # store and forward, when [outbox] enabled
     started: bool = False
     draining: bool = False
 

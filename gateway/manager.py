@@ -133,6 +133,11 @@ class ManagerClient:
         self._shared = shared_tokens
         self.tokens = TokenCache(self._fetch_token, clock=clock, shared=shared_tokens)
 
+    @property
+    def timeout_s(self) -> float:
+        """The deadline of one order request (retries included)."""
+        return self._config.timeout_s
+
     def with_config(self, config: ManagerConfig) -> ManagerClient:
         """A client for a reloaded configuration that keeps the session and the token cache."""
         client = ManagerClient(

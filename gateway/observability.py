@@ -53,6 +53,8 @@ LOG_FIELDS: Final = (
     "version",
     "replayed",
     "result",
+    "attempts",
+    "age_s",
 )
 # One dict per request, set by log_context and filled in place by bind_log_context.
 _CONTEXT: ContextVar[dict[str, object] | None] = ContextVar("gateway_log_context", default=None)
@@ -214,6 +216,19 @@ class Metrics:
         self.in_flight = Gauge(
             "gateway_requests_in_flight", "Partner requests being processed.",
             registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
+
+        self.outbox_depth = Gauge(
+            "gateway_outbox_depth", "Stored orders by status (queued: waiting; failed: given up).",
+            ["status"], registry=r, multiprocess_mode="mostrecent",
+        )  # fmt: skip
+        self.outbox_oldest = Gauge(
+            "gateway_outbox_oldest_seconds", "Age of the oldest queued order (0 when none).",
+            registry=r, multiprocess_mode="mostrecent",
+        )  # fmt: skip
+        self.outbox_deliveries = Counter(
+            "gateway_outbox_deliveries", "Delivery attempts of stored orders by result.",
+            ["result"], registry=r,
         )  # fmt: skip
 
     def render(self) -> bytes:

@@ -7,6 +7,7 @@ HTTP stays outside: this module takes a parsed body and returns Manager's reply.
 from __future__ import annotations
 
 import base64
+import binascii
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,10 +21,11 @@ from gateway.errors import (
     ValidationFailedError,
 )
 from gateway.idempotency import build_key, hash_canonical, to_replay
-from gateway.manager import ManagerClient, SplicedBody, UpstreamBody, UpstreamReply
+from gateway.manager import ManagerClient, SplicedBody, UpstreamBody
 from gateway.models import parse_envelope
 from gateway.normalize import build_envelope
 from gateway.observability import bind_log_context, log_event
+from gateway.outbox.deliverer import Outbox
 from gateway.pdf import PdfFetcher, check_inline_pdf, is_pdf
 from gateway.runtime import Route
 from gateway.state import StateStore, StoredReply
@@ -109,11 +111,14 @@ async def deliver_order(
     manager: ManagerClient,
     pdf: PdfFetcher,
     max_pdf_bytes: int,
+    outbox: Outbox | None = None,
+    request_id: str | None = None,
 ) -> Delivery:
     """Deliver an order at most once per ``(partner, external_reference)`` within ``ttl_s``.
 
     A repeat of a delivered order gets the first reply again without a Manager call; failures
-    are forgotten so that the partner may retry them.
+    are forgotten so that the partner may retry them. With the outbox, the order is stored
+    before Manager is called, and one that Manager cannot take now is answered ``202 queued``.
     """
     key = build_key(route.target.partner, order.reference)
     fingerprint = order.fingerprint  # before the PDF step: a URL, not its bytes
@@ -122,9 +127,18 @@ async def deliver_order(
         bind_log_context(replayed=True)
         return Delivery(replay, replayed=True)
     try:
-        reply = await submit_order(
-            order, route, manager=manager, pdf=pdf, max_pdf_bytes=max_pdf_bytes
-        )
+        body = await build_upstream_body(order, route, pdf=pdf, max_pdf_bytes=max_pdf_bytes)
+        # A caller's own org key is not verified until Manager answers, and it must not be
+        # stored: such orders are not kept, as before.
+        if outbox is not None and not route.upstream.from_caller:
+            stored = await outbox.forward(
+                partner=route.target.partner, reference=order.reference,
+                target=route.upstream, body=to_bytes(body), send=manager.send_order_request,
+                key=key, fingerprint=fingerprint, ttl_s=ttl_s, lease_s=lease_s,
+                request_id=request_id,
+            )  # fmt: skip
+            return Delivery(stored.reply, replayed=False)
+        reply = await manager.send_order_request(route.upstream, body)
     except BaseException:
         try:
             await store.release(key, fingerprint)
@@ -132,38 +146,40 @@ async def deliver_order(
             # The claim stays until its lease ends; the partner's retry waits that long.
             log_event(40, "idempotency_release_failed")
         raise
-    stored = StoredReply(reply.status, reply.body, reply.content_type)
+    stored_reply = StoredReply(reply.status, reply.body, reply.content_type)
     try:
-        await store.complete(key, fingerprint, stored, ttl_s)
+        await store.complete(key, fingerprint, stored_reply, ttl_s)
     except StateUnavailableError:
         # The order did reach Manager: the partner must hear so. Only the replay is lost.
         log_event(40, "idempotency_record_lost")
-    return Delivery(stored, replayed=False)
+    return Delivery(stored_reply, replayed=False)
 
 
-async def submit_order(
+async def build_upstream_body(
     order: PreparedOrder,
     route: Route,
     *,
-    manager: ManagerClient,
     pdf: PdfFetcher,
     max_pdf_bytes: int,
-) -> UpstreamReply:
-    """Check or fetch the prescription PDF, then forward the envelope to Manager."""
+) -> UpstreamBody:
+    """Check or fetch the prescription PDF: the body to send to Manager."""
     bind_log_context(external_reference=order.reference)
     payload = order.payload
     inline = payload.get("prescription_pdf_base64")
-    fetched: bytearray | None = None
     if inline is not None and not order.uploaded:
         check_inline_pdf(inline, max_pdf_bytes)
     elif route.pdf == "fetch" and isinstance(payload.get("prescription_pdf_url"), str):
         url = payload.pop("prescription_pdf_url")
         assert isinstance(url, str)
-        fetched = await pdf.fetch_pdf(url)
-    body: UpstreamBody = order.body
-    if fetched is not None:
-        body = encode_envelope(order.envelope, payload, fetched)
-    return await manager.send_order_request(route.upstream, body)
+        return encode_envelope(order.envelope, payload, await pdf.fetch_pdf(url))
+    return order.body
+
+
+def to_bytes(body: UpstreamBody) -> bytes:
+    """The body in one piece (to be stored): a spliced PDF is encoded now."""
+    if isinstance(body, SplicedBody):
+        return body.head + binascii.b2a_base64(body.pdf, newline=False) + body.tail
+    return body
 
 
 def encode_envelope(

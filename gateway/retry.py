@@ -71,3 +71,13 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
 def to_retry_after_header(seconds: float | None) -> int:
     """Seconds for a ``Retry-After`` header: whole, at least 1."""
     return max(1, math.ceil(seconds or 1))
+
+
+def outbox_delay(attempts: int, min_s: float, max_s: float, rand: Callable[[], float]) -> float:
+    """When a stored order is tried again after ``attempts`` failed deliveries (at least 1).
+
+    ``min_s`` doubling up to ``max_s``, each spread by ±20 % so that orders queued in the same
+    outage do not all reach a recovering Manager in the same second.
+    """
+    base = min(max_s, min_s * 2.0 ** max(0, attempts - 1))
+    return min(max_s, base * (0.8 + 0.4 * rand()))

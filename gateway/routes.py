@@ -7,12 +7,14 @@ from typing import Final
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway.errors import RateLimitedError
+from gateway.errors import NotFoundError, RateLimitedError, StateUnavailableError
 from gateway.gateway import GATEWAY_KEY
 from gateway.intake import read_intake
+from gateway.ledger import to_status_document
 from gateway.manager import OrgKeyRefusedError
-from gateway.observability import bind_log_context
+from gateway.observability import bind_log_context, current_log_fields
 from gateway.orders import deliver_order, prepare_order
+from gateway.outbox.deliverer import build_status_path
 from gateway.retry import to_retry_after_header
 
 ORDER_PATH: Final = "/api/v1/external-order"
@@ -56,7 +58,8 @@ async def external_order(request: web.Request) -> web.Response:
             order, route, store=gateway.state, manager=manager, pdf=pdf,
             ttl_s=runtime.config.idempotency.ttl_hours * 3600,
             lease_s=runtime.config.claim_lease_s,
-            max_pdf_bytes=runtime.config.pdf.max_bytes,
+            max_pdf_bytes=runtime.config.pdf.max_bytes, outbox=gateway.outbox,
+            request_id=str(current_log_fields().get("request_id")),
         )  # fmt: skip
     except OrgKeyRefusedError:
         assert caller.org_key is not None
@@ -68,7 +71,26 @@ async def external_order(request: web.Request) -> web.Response:
     )
     if delivery.replayed:
         response.headers[REPLAYED_HEADER] = "true"
+    if reply.status == 202:  # stored by the outbox (section 9): where to ask what became of it
+        response.headers["Location"] = build_status_path(order.reference)
     return response
+
+
+async def order_status(request: web.Request) -> web.Response:
+    """``GET /api/v1/external-order/{external_reference}``: the order's ledger entry (section 10).
+
+    Another partner's reference is answered exactly like one that never existed.
+    """
+    gateway = request.app[GATEWAY_KEY]
+    caller = gateway.runtime.registry.resolve(presented_key(request), request.host)
+    bind_log_context(partner=caller.name, shop=caller.shop.name)
+    if gateway.outbox is None:
+        raise NotFoundError("Order status needs the gateway's outbox, which is off here.")
+    reference = request.match_info["external_reference"]
+    entry = await gateway.outbox.store.get(caller.name, reference)
+    if entry is None:
+        raise NotFoundError("No order with this external_reference was received from you.")
+    return web.json_response(body=to_status_document(entry))
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -87,7 +109,13 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    response = web.Response(body=request.app[GATEWAY_KEY].metrics.render())
+    gateway = request.app[GATEWAY_KEY]
+    if gateway.outbox is not None:
+        try:
+            await gateway.outbox.refresh_metrics()
+        except StateUnavailableError:
+            pass  # the gauges keep their last values; /readyz tells the store is down
+    response = web.Response(body=gateway.metrics.render())
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response
 
@@ -95,6 +123,7 @@ async def metrics(request: web.Request) -> web.Response:
 def add_order_routes(app: web.Application) -> None:
     app.router.add_post(ORDER_PATH, external_order)
     app.router.add_post(ORDER_PATH + "/", external_order)
+    app.router.add_get(ORDER_PATH + "/{external_reference}", order_status)
 
 
 def add_admin_routes(app: web.Application) -> None:

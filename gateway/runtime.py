@@ -32,6 +32,11 @@ class Runtime:
     registry: KeyRegistry
     routes: Mapping[str, Route]  # by partner name
 
+    @property
+    def targets(self) -> Mapping[str, UpstreamTarget]:
+        """Where each partner's orders go upstream (the outbox's deliverer sends by partner)."""
+        return {name: route.upstream for name, route in self.routes.items()}
+
     def route_for(self, caller: Caller) -> Route:
         """The partner's route, or one built for an org-key caller (its own key upstream)."""
         if caller.org_key is None:

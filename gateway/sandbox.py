@@ -77,6 +77,8 @@ class SandboxState:
     token_requests: int = 0
     order_request_attempts: int = 0
     faults: list[Fault] = field(default_factory=list)
+    # While set, every Manager endpoint answers it (until DELETE /_sandbox/outage).
+    outage: Fault | None = None
     token_ttl_s: int = 3600
 
 
@@ -321,10 +323,12 @@ class _Manager:
     async def _answer_fault(
         self, request: web.Request, endpoint: FaultEndpoint
     ) -> web.StreamResponse | None:
-        fault = next((f for f in self.state.faults if f.endpoint == endpoint), None)
+        fault = self.state.outage
         if fault is None:
-            return None
-        self.state.faults.remove(fault)
+            fault = next((f for f in self.state.faults if f.endpoint == endpoint), None)
+            if fault is None:
+                return None
+            self.state.faults.remove(fault)
         if fault.delay_s > 0:
             await asyncio.sleep(fault.delay_s)
         if fault.drop:
@@ -350,8 +354,25 @@ class _Manager:
     async def reset(self, request: web.Request) -> web.StreamResponse:
         self.state.received.clear()
         self.state.faults.clear()
+        self.state.outage = None
         self.state.token_requests = 0
         self.state.order_request_attempts = 0
+        return web.Response(status=204)
+
+    async def start_outage(self, request: web.Request) -> web.StreamResponse:
+        """Manager is down until ``DELETE /_sandbox/outage``: every call answers the fault
+        (default ``503``), or has its connection closed with ``{"drop": true}``."""
+        raw = await request.read()
+        try:
+            data = json.loads(raw) if raw.strip() else {}
+            fault = _parse_fault({"status": 503, **data} if isinstance(data, dict) else data)
+        except ValueError as exc:
+            return _error(400, "invalid_body", str(exc))
+        self.state.outage = fault
+        return web.json_response({"outage": fault.status}, status=201)
+
+    async def end_outage(self, request: web.Request) -> web.StreamResponse:
+        self.state.outage = None
         return web.Response(status=204)
 
     async def add_faults(self, request: web.Request) -> web.StreamResponse:
@@ -417,6 +438,8 @@ def create_sandbox_app(
     app.router.add_get("/_sandbox/order-requests", manager.list_received)
     app.router.add_delete("/_sandbox/order-requests", manager.reset)
     app.router.add_post("/_sandbox/faults", manager.add_faults)
+    app.router.add_post("/_sandbox/outage", manager.start_outage)
+    app.router.add_delete("/_sandbox/outage", manager.end_outage)
     app.router.add_get("/_sandbox/prescription.pdf", _sample_pdf)
     return app
 

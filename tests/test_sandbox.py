@@ -786,3 +786,28 @@ async def poll_status(session: aiohttp.ClientSession, url: str) -> int:
         except aiohttp.ClientConnectionError:
             await asyncio.sleep(0.02)
     raise AssertionError(f"nothing listened at {url}")
+
+
+# --- outage -----------------------------------------------------------------------------------
+
+
+async def test_an_outage_answers_every_call_until_it_is_ended(client: Client) -> None:
+    started = await client.post("/_sandbox/outage", json={"status": 502})
+    assert started.status == 201
+    for _ in range(3):
+        refused = await client.post(TOKEN_A, headers={"apikey": "key-a"})
+        assert refused.status == 502
+    ended = await client.delete("/_sandbox/outage")
+    assert ended.status == 204
+    token = await client.post(TOKEN_A, headers={"apikey": "key-a"})
+    assert token.status == 200
+
+
+async def test_an_outage_without_a_body_is_a_503_and_a_bad_one_is_refused(client: Client) -> None:
+    assert (await client.post("/_sandbox/outage")).status == 201
+    refused = await client.post(V1_A, json=envelope(), headers={"apikey": "key-a"})
+    assert refused.status == 503
+    bad = await client.post("/_sandbox/outage", json={"status": "down"})
+    assert bad.status == 400
+    await client.delete("/_sandbox/order-requests")
+    assert state_of(client).outage is None
