@@ -95,7 +95,9 @@ class NotFoundError(PartnerError):
 class MethodNotAllowedError(PartnerError):
     status = 405
     code = "method_not_allowed"
-    default_message = "Only POST is allowed on this path."
+    default_message = (
+        "This method is not allowed on this path; the Allow header names those that are."
+    )
 
 
 class RequestTimeoutError(PartnerError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from typing import Final
 
 from aiohttp import web
@@ -18,6 +19,7 @@ from gateway.outbox.deliverer import build_status_path
 from gateway.retry import to_retry_after_header
 
 ORDER_PATH: Final = "/api/v1/external-order"
+OPENAPI_PATH: Final = "/api/v1/openapi.json"
 KEY_HEADERS: Final = ("apikey", "X-API-Key")
 REPLAYED_HEADER: Final = "Idempotent-Replayed"
 
@@ -120,7 +122,19 @@ async def metrics(request: web.Request) -> web.Response:
     return response
 
 
+def load_openapi_document() -> bytes:
+    """The published OpenAPI document, packaged inside ``gateway`` (so in every install)."""
+    return resources.files("gateway").joinpath("openapi.json").read_bytes()
+
+
 def add_order_routes(app: web.Application) -> None:
+    document = load_openapi_document()
+
+    async def openapi(request: web.Request) -> web.Response:
+        """``GET /api/v1/openapi.json``: the partner API's description; no key needed."""
+        return web.Response(body=document, content_type="application/json")
+
+    app.router.add_get(OPENAPI_PATH, openapi)
     app.router.add_post(ORDER_PATH, external_order)
     app.router.add_post(ORDER_PATH + "/", external_order)
     app.router.add_get(ORDER_PATH + "/{external_reference}", order_status)
