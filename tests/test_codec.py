@@ -21,8 +21,21 @@ LONG: bytes = b"123456789012345678901234567890"
         b'{"n": 1e' + LONG + b"}",
         b'{"n": ' + LONG + b', "x": NaN}',
         b"[0" + LONG + b"]",  # a leading zero
+        b'{"n": 1' + b"0" * 400 + b".5}",  # beyond a double, written without an exponent
+        b'{"a": ' * (MAX_DEPTH + 1) + b"[1, true]" + b"}" * (MAX_DEPTH + 1),
     ],
-    ids=["deep", "deep-long", "surrogate", "surrogate-bytes", "inf", "inf-exp", "nan", "zero"],
+    ids=[
+        "deep",
+        "deep-long",
+        "surrogate",
+        "surrogate-bytes",
+        "inf",
+        "inf-exp",
+        "nan",
+        "zero",
+        "inf-digits",
+        "deep-objects",
+    ],  # fmt: skip
 )
 def test_what_orjson_refuses_is_refused_on_the_long_number_path_too(raw: bytes) -> None:
     with pytest.raises(ValueError):
@@ -33,12 +46,13 @@ def test_what_orjson_refuses_is_refused_on_the_long_number_path_too(raw: bytes) 
     ("raw", "expected"),
     [
         (b"[" * MAX_DEPTH + b"1" + b"]" * MAX_DEPTH, None),
+        (b"[" + b",".join([b'{"a": [1]}'] * 200) + b"]", [{"a": [1]}] * 200),  # many, not deep
         (b'{"n": ' + LONG + b"}", {"n": int(LONG)}),
         (b'{"s": "\\u0041' + LONG + b'"}', {"s": "A" + LONG.decode()}),
         (b'{"n": 1' + b"0" * 400 + b"}", {"n": 10**400}),
         (b'{"n": 1.5e-' + LONG + b"}", {"n": 0.0}),
     ],
-    ids=["max-depth", "long", "escape-then-digits", "beyond-double", "tiny"],
+    ids=["max-depth", "wide", "long", "escape-then-digits", "beyond-double", "tiny"],
 )
 def test_what_is_parsed_can_be_written(raw: bytes, expected: object) -> None:
     data = parse_json(raw)

@@ -67,9 +67,12 @@ async def processes() -> AsyncIterator[list[asyncio.subprocess.Process]]:
 async def start(
     started: list[asyncio.subprocess.Process], log: Path, *args: str
 ) -> asyncio.subprocess.Process:
+    # Each from the repository (the gateway's modules) or the log's directory (Schemathesis's
+    # own files stay out of the work tree).
+    cwd = REPO_ROOT if args[0] == sys.executable else log.parent
     with log.open("ab") as out:
         process = await asyncio.create_subprocess_exec(
-            *args, cwd=REPO_ROOT, env=child_env(), stdout=out, stderr=out
+            *args, cwd=cwd, env=child_env(), stdout=out, stderr=out
         )
     started.append(process)
     return process
