@@ -17,6 +17,7 @@ from gateway.errors import ConfigError
 from gateway.gateway import Gateway
 from gateway.observability import Metrics, log_event, setup_logging
 from gateway.runtime import build_runtime
+from gateway.signals import SignalLatch
 
 GC_GEN0_THRESHOLD: Final = 20_000
 
@@ -62,8 +63,13 @@ def _listening(config: Config) -> tuple[str, int, int]:
     return config.server.host, config.server.port, config.server.admin_port
 
 
-async def serve(config: Config, path: Path, listen: Listen) -> None:
-    """Serve until SIGTERM or SIGINT, then drain: /readyz 503, finish requests in flight, stop."""
+async def serve(
+    config: Config, path: Path, listen: Listen, *, latch: SignalLatch | None = None
+) -> None:
+    """Serve until SIGTERM or SIGINT, then drain: /readyz 503, finish requests in flight, stop.
+
+    ``latch``: signals that arrived while starting, honoured as soon as this runs.
+    """
     gateway = create_gateway(config, Seams(metrics=Metrics(multiprocess_dir=listen.metrics_dir)))
     runner = web.AppRunner(
         create_app(config, gateway=gateway),
@@ -100,6 +106,11 @@ async def serve(config: Config, path: Path, listen: Listen) -> None:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_config, gateway, path)
+    for signum in latch.take() if latch is not None else ():
+        if signum == signal.SIGHUP:
+            reload_config(gateway, path)
+        else:
+            stop.set()
     try:
         await stop.wait()
         gateway.draining = True
