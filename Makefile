@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 COV_FLOOR ?= 90
+# Checkov lives apart from the gateway's virtualenv: it pins many dependencies of its own.
+CHECKOV_VENV ?= .venv-checkov
+CHECKOV := $(CHECKOV_VENV)/bin/checkov --skip-download --compact --quiet
 
-.PHONY: venv test lint typecheck pytest demo bench clean
+.PHONY: venv test lint typecheck pytest scan demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +29,21 @@ typecheck: venv
 pytest: venv
 	$(BIN)/pytest --cov=gateway --cov-report=term --cov-fail-under=$(COV_FLOOR)
 
-test: lint typecheck pytest
+# The Kubernetes examples and the Dockerfile through Checkov; any failed check fails the build.
+# Skips are written next to what they skip (checkov.io/skipN annotations) with a reason.
+# --skip-download: no call to the vendor's platform; the scan is local.
+scan: $(CHECKOV_VENV)/.installed
+	$(CHECKOV) --directory deploy --framework kubernetes
+	$(CHECKOV) --file Dockerfile --framework dockerfile
+
+$(CHECKOV_VENV)/.installed: .ci/checkov-requirements.txt
+	rm -rf $(CHECKOV_VENV)
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet --upgrade pip
+	$(CHECKOV_VENV)/bin/pip install --quiet -r .ci/checkov-requirements.txt
+	touch $@
+
+test: lint typecheck scan pytest
 
 # The sandbox on 127.0.0.1:8090, the gateway on 127.0.0.1:8080 (admin 9091); see config/demo.toml.
 demo: venv
@@ -36,4 +53,4 @@ bench: venv
 	bash bench/run.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .hypothesis
+	rm -rf $(VENV) $(CHECKOV_VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .hypothesis

@@ -25,6 +25,7 @@ from gateway.orders import prepare_order
 from gateway.outbox import LedgerEntry, OrderStatus
 from gateway.runtime import Runtime, build_runtime
 from gateway.signals import SignalLatch
+from gateway.upstream_proxy import describe_proxy
 
 EXIT_OK: Final = 0
 EXIT_INVALID: Final = 1
@@ -194,7 +195,9 @@ def _check_config(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     config, _ = loaded
     print(f"configuration ok ({config.digest[:16]})")
-    print(f"manager: {config.manager.base_url} (api {config.manager.api})")
+    proxy = config.manager.proxy.get_secret_value() if config.manager.proxy else None
+    via = describe_proxy(proxy)  # never the proxy's credentials
+    print(f"manager: {config.manager.base_url} (api {config.manager.api}, {via})")
     for name, shop in config.shops.items():
         hosts = ", ".join(shop.hosts) or "any host"
         org_keys = ", accepts org keys" if shop.accept_org_keys else ""

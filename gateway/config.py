@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from gateway.errors import ConfigError
+from gateway.upstream_proxy import ProxyUrlError, parse_proxy_url, select_env_proxy
 
 DEFAULT_CONFIG_PATH: Final = "config/gateway.toml"
 CONFIG_ENV: Final = "GATEWAY_CONFIG"
@@ -39,6 +40,13 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def refuse_resolved_key(data: Any, key: str, message: str) -> Any:
+    """A field that load_config fills from a secret (``key``) must not come from the file."""
+    if isinstance(data, dict) and key in data:
+        raise ValueError(message)
+    return data
 
 
 class ServerConfig(_Section):
@@ -68,6 +76,19 @@ class ManagerConfig(_Section):
     retries: int = Field(default=3, ge=0, le=10)
     # Size of the keep-alive connection pool towards Manager (per gateway process).
     pool_size: int = Field(default=100, ge=1, le=1000)
+    # An outbound proxy for Manager calls (never for PDF fetches): at most one of these four.
+    proxy_url: str | None = None  # no credentials: those are a secret (proxy_url_env / _file)
+    proxy_url_env: str | None = None
+    proxy_url_file: str | None = None
+    trust_env: bool = False  # the environment's HTTPS_PROXY / HTTP_PROXY / NO_PROXY
+    # Filled by load_config from the four above; never read from the file, never logged.
+    proxy: SecretStr | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_proxy(cls, data: Any) -> Any:
+        message = "unknown key proxy: use proxy_url, proxy_url_env or proxy_url_file"
+        return refuse_resolved_key(data, "proxy", message)
 
     @field_validator("base_url")
     @classmethod
@@ -75,6 +96,22 @@ class ManagerConfig(_Section):
         if not re.match(r"^https?://[^/\s?#]+$", value.rstrip("/")):
             raise ValueError("must be an http(s) URL with no path, e.g. https://manager.example")
         return value.rstrip("/")
+
+    @field_validator("proxy_url")
+    @classmethod
+    def _proxy_url(cls, value: str | None) -> str | None:
+        return None if value is None else parse_proxy_url(value, allow_credentials=False)
+
+    @model_validator(mode="after")
+    def _one_proxy_source(self) -> ManagerConfig:
+        chosen = [
+            name
+            for name in ("proxy_url", "proxy_url_env", "proxy_url_file", "trust_env")
+            if getattr(self, name)
+        ]
+        if len(chosen) > 1:
+            raise ValueError(f"set one of {', '.join(chosen)}, not several")
+        return self
 
 
 class ShopConfig(_Section):
@@ -91,11 +128,8 @@ class ShopConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _no_inline_secret(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "manager_key" in data:
-            raise ValueError(
-                "secrets never live in the file: use manager_key_env or manager_key_file"
-            )
-        return data
+        message = "secrets never live in the file: use manager_key_env or manager_key_file"
+        return refuse_resolved_key(data, "manager_key", message)
 
     @field_validator("hosts")
     @classmethod
@@ -185,19 +219,21 @@ class IdempotencyConfig(_Section):
 class StateConfig(_Section):
     backend: Literal["memory", "redis"] = "memory"
     redis_url_env: str = "REDIS_URL"
+    redis_url_file: str | None = None  # instead of redis_url_env: a mounted secret file
     share_tokens: bool = False
-    # Filled by load_config from redis_url_env (the URL may hold a password).
+    # Filled by load_config from redis_url_env or redis_url_file (the URL may hold a password).
     redis_url: SecretStr | None = Field(default=None, exclude=True)
 
     @model_validator(mode="before")
     @classmethod
     def _no_inline_url(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "redis_url" in data:
-            raise ValueError("the Redis URL may hold a password: name it with redis_url_env")
-        return data
+        message = "the Redis URL may hold a password: name it with redis_url_env"
+        return refuse_resolved_key(data, "redis_url", message)
 
     @model_validator(mode="after")
     def _tokens_need_redis(self) -> StateConfig:
+        if self.redis_url_file and "redis_url_env" in self.model_fields_set:
+            raise ValueError("set redis_url_env or redis_url_file, not both")
         if self.share_tokens and self.backend != "redis":
             raise ValueError('share_tokens = true needs backend = "redis"')
         return self
@@ -279,6 +315,13 @@ class Config(_Section):
                     f"partners.{name}.key_sha256: same key as partners.{seen[partner.key_sha256]}"
                 )
             seen[partner.key_sha256] = name
+        if self.outbox.enabled and self.state.share_tokens:
+            # The outbox in Redis needs Redis to persist (AOF); Manager's tokens must not reach
+            # a disk (Manager's documentation: keep tokens in memory only).
+            raise ValueError(
+                "state.share_tokens: with the outbox on, Redis persists what it holds, and "
+                "Manager's tokens must not reach a disk; set share_tokens = false"
+            )
         used = {p.shop for p in self.partners.values()}
         for name, shop in self.shops.items():
             if name in used and not (shop.manager_key_env or shop.manager_key_file):
@@ -332,39 +375,24 @@ def parse_config(
         raise ConfigError(f"{origin}: {describe_validation_error(exc)}") from None
     shops = {name: _with_secret(name, shop, environ) for name, shop in config.shops.items()}
     digest = hashlib.sha256(data_bytes).hexdigest()
-    state = config.state
-    if state.backend == "redis":
-        url = environ.get(state.redis_url_env, "").strip()
-        if not url:
-            raise ConfigError(
-                f"state.redis_url_env: environment variable {state.redis_url_env} is not set "
-                "or empty"
-            )
-        if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError(
-                f"state.redis_url_env: {state.redis_url_env} must be a redis://, rediss:// "
-                "or unix:// URL"
-            )
-        state = state.model_copy(update={"redis_url": SecretStr(url)})
-    outbox = _with_outbox_keys(config.outbox, environ)
-    return config.model_copy(
-        update={"shops": shops, "digest": digest, "state": state, "outbox": outbox}
-    )
+    update: dict[str, object] = {"shops": shops, "digest": digest}
+    if config.state.backend == "redis":
+        update["state"] = _with_redis_url(config.state, environ)
+    manager = _with_proxy(config.manager, environ)
+    if manager is not config.manager:
+        update["manager"] = manager
+    update["outbox"] = _with_outbox_keys(config.outbox, environ)
+    return config.model_copy(update=update)
 
 
 def _with_outbox_keys(outbox: OutboxConfig, environ: Mapping[str, str]) -> OutboxConfig:
     """The outbox's Fernet keys, checked now: an enabled outbox never starts without them."""
     if not outbox.enabled:
         return outbox
-    if outbox.key_env:
-        name, value = "outbox.key_env", environ.get(outbox.key_env, "")
-        if not value.strip():
-            raise ConfigError(f"{name}: environment variable {outbox.key_env} is not set or empty")
-    elif outbox.key_file:
-        name = "outbox.key_file"
-        value = _read_secret_file(name, outbox.key_file)
-    else:
+    value = read_secret("outbox.key", outbox.key_env, outbox.key_file, environ)
+    if value is None:
         raise ConfigError("outbox.key_env: an enabled outbox needs key_env or key_file")
+    name = "outbox.key_env" if outbox.key_env else "outbox.key_file"
     keys = tuple(part.strip() for part in value.split(",") if part.strip())
     for index, key in enumerate(keys):
         if not is_fernet_key(key):
@@ -382,29 +410,75 @@ def is_fernet_key(key: str) -> bool:
         return False
 
 
-def _read_secret_file(name: str, path: str) -> str:
-    try:
-        value = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{name}: cannot read {path}: {exc.strerror}") from None
-    if not value.strip():
-        raise ConfigError(f"{name}: {path} is empty")
-    return value
+def read_secret(
+    where: str, env_name: str | None, file_path: str | None, environ: Mapping[str, str]
+) -> str | None:
+    """The secret named by an ``*_env`` variable or an ``*_file`` path, stripped (None: neither).
+
+    ``where`` is the dotted key without its suffix (``shops.berlin.manager_key``), for messages
+    that name the key, the variable or the file, and never the value.
+
+    Raises:
+        ConfigError: the variable is unset or empty, the file unreadable or empty.
+    """
+    if env_name:
+        value = environ.get(env_name, "")
+        if not value.strip():
+            raise ConfigError(f"{where}_env: environment variable {env_name} is not set or empty")
+    elif file_path:
+        try:
+            value = Path(file_path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{where}_file: cannot read {file_path}: {exc.strerror}") from None
+        if not value.strip():
+            raise ConfigError(f"{where}_file: {file_path} is empty")
+    else:
+        return None
+    return value.strip()
 
 
 def _with_secret(name: str, shop: ShopConfig, environ: Mapping[str, str]) -> ShopConfig:
-    if shop.manager_key_env:
-        value = environ.get(shop.manager_key_env, "")
-        if not value.strip():
-            raise ConfigError(
-                f"shops.{name}.manager_key_env: environment variable "
-                f"{shop.manager_key_env} is not set or empty"
-            )
-    elif shop.manager_key_file:
-        value = _read_secret_file(f"shops.{name}.manager_key_file", shop.manager_key_file)
-    else:
+    where = f"shops.{name}.manager_key"
+    value = read_secret(where, shop.manager_key_env, shop.manager_key_file, environ)
+    if value is None:
         return shop
-    return shop.model_copy(update={"manager_key": SecretStr(value.strip())})
+    return shop.model_copy(update={"manager_key": SecretStr(value)})
+
+
+def _with_redis_url(state: StateConfig, environ: Mapping[str, str]) -> StateConfig:
+    env_name = None if state.redis_url_file else state.redis_url_env
+    url = read_secret("state.redis_url", env_name, state.redis_url_file, environ)
+    assert url is not None  # one of the two is always set (redis_url_env has a default)
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        source = state.redis_url_file or state.redis_url_env
+        suffix = "file" if state.redis_url_file else "env"
+        raise ConfigError(
+            f"state.redis_url_{suffix}: {source} must be a redis://, rediss:// or unix:// URL"
+        )
+    return state.model_copy(update={"redis_url": SecretStr(url)})
+
+
+def _with_proxy(manager: ManagerConfig, environ: Mapping[str, str]) -> ManagerConfig:
+    """The proxy for Manager calls, resolved from the file, a secret, or the environment."""
+    if manager.proxy_url is not None:
+        return manager.model_copy(update={"proxy": SecretStr(manager.proxy_url)})
+    if manager.trust_env:
+        found = select_env_proxy(manager.base_url, environ)
+        if found is None:
+            return manager
+        key, raw = f"trust_env: {found.variable}", found.url
+    else:
+        secret = (manager.proxy_url_env, manager.proxy_url_file)
+        value = read_secret("manager.proxy_url", *secret, environ)
+        if value is None:
+            return manager
+        suffix = "env" if manager.proxy_url_env else "file"
+        key, raw = f"proxy_url_{suffix}: the proxy URL", value
+    try:
+        url = parse_proxy_url(raw, allow_credentials=True)
+    except ProxyUrlError as exc:
+        raise ConfigError(f"manager.{key} {exc}") from None
+    return manager.model_copy(update={"proxy": SecretStr(url)})
 
 
 def describe_validation_error(exc: ValidationError) -> str:

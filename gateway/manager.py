@@ -131,6 +131,9 @@ class ManagerClient:
         self._sleep = sleep
         self._rand = rand
         self._shared = shared_tokens
+        # Token fetches and order requests both go through _post, so both use the proxy. The
+        # session's trust_env stays off: config.py alone reads the environment's proxy settings.
+        self._proxy = config.proxy.get_secret_value() if config.proxy is not None else None
         self.tokens = TokenCache(self._fetch_token, clock=clock, shared=shared_tokens)
 
     @property
@@ -255,6 +258,7 @@ class ManagerClient:
                 headers=headers,
                 timeout=timeout,
                 allow_redirects=False,
+                proxy=self._proxy,
             ) as response:
                 data = await response.read()
                 return UpstreamReply(

@@ -40,6 +40,9 @@ def reload_config(gateway: Gateway, path: Path) -> bool:
         if config.state != old.state:
             # The store was opened at start-up; another one would silently void its promises.
             raise ConfigError("state: changing the state settings needs a restart")
+        if config.outbox != old.outbox:
+            # Its store, keys and deliverer were set up at start-up, like the state store.
+            raise ConfigError("outbox: changing the outbox settings needs a restart")
     except ConfigError as exc:
         log_event(40, "config_reload_refused", reason=str(exc), config=gateway.config_digest)
         return False

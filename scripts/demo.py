@@ -7,6 +7,7 @@ sample, and stops both (by PID) on Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 import signal
 import subprocess
@@ -17,6 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_ORG_KEY = "demo-org-key-not-a-secret"  # the sandbox's documented demo key
+# Printed in the guide so `gateway outbox list` can be pasted; made fresh for every run.
+DEMO_OUTBOX_KEY = base64.urlsafe_b64encode(os.urandom(32)).decode("ascii")
 PARTNER_KEYS = {"telemed-one": "demo-partner-key", "drx": "demo-drx-key"}
 SAMPLES = [
     ("flat-payload.json", "telemed-one", "Manager's payload fields at top level"),
@@ -64,7 +67,36 @@ def print_guide(port: int, sandbox_port: int) -> None:
     print("# what Manager (the sandbox) received, and the gateway's metrics")
     print(f"curl -s http://127.0.0.1:{sandbox_port}/_sandbox/order-requests; echo")
     print("curl -s http://127.0.0.1:9091/metrics | grep ^gateway_\n")
+    print_outage_guide(order_url, sandbox_port)
     print("Ctrl-C stops both.\n")
+
+
+def print_outage_guide(order_url: str, sandbox_port: int) -> None:
+    """Store and forward: an order survives a Manager outage."""
+    sandbox = f"http://127.0.0.1:{sandbox_port}"
+    order = (
+        '{"external_reference": "OUTAGE-1", "customer_name": "Erika Musterfrau", '
+        '"items": [{"name": "Ibuprofen 400", "quantity": 1}]}'
+    )
+    status = f"curl -s {order_url}/OUTAGE-1 -H 'apikey: demo-partner-key'; echo"
+    print("# --- store and forward: an order survives a Manager outage ---")
+    print("# 1. Manager goes down (the sandbox answers 503 to every call)")
+    print(f"curl -s -X POST {sandbox}/_sandbox/outage; echo")
+    print("# 2. an order meanwhile: 202 queued, with a Location (the gateway has stored it)")
+    print(
+        f"curl -si {order_url} -H 'apikey: demo-partner-key' -H 'Content-Type: application/json' "
+        f"-d '{order}'; echo"
+    )
+    print("# 3. its status: queued, with attempts and the last error")
+    print(status)
+    print("# 4. Manager recovers; a few seconds later the deliverer has sent it: delivered")
+    print(f"curl -s -X DELETE {sandbox}/_sandbox/outage; sleep 3")
+    print(status)
+    print("# what the outbox holds (no customer data; bodies are encrypted)")
+    print(
+        f"DEMO_ORG_KEY={DEMO_ORG_KEY} OUTBOX_KEY={DEMO_OUTBOX_KEY} "
+        ".venv/bin/gateway outbox list --config config/demo.toml\n"
+    )
 
 
 def _stop(signum: int, frame: object) -> None:
@@ -78,7 +110,12 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--sandbox-port", type=int, default=8090)
     args = parser.parse_args()
-    env = {**os.environ, "DEMO_ORG_KEY": DEMO_ORG_KEY}
+    # A fresh outbox each run: its file is sealed with this run's key.
+    outbox = ROOT / ".demo"
+    outbox.mkdir(exist_ok=True)
+    for stale in outbox.glob("outbox.db*"):
+        stale.unlink()
+    env = {**os.environ, "DEMO_ORG_KEY": DEMO_ORG_KEY, "OUTBOX_KEY": DEMO_OUTBOX_KEY}
     gateway_cmd = [sys.executable, "-m", "gateway"]
     sandbox = subprocess.Popen(
         [*gateway_cmd, "sandbox", "--port", str(args.sandbox_port)], cwd=ROOT

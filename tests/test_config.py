@@ -14,6 +14,7 @@ import pytest
 
 from gateway.config import load_config, parse_config, resolve_config_path
 from gateway.errors import ConfigError
+from gateway.outbox.sealing import new_key
 
 REPO = Path(__file__).resolve().parent.parent
 HASH_A = "a" * 64
@@ -468,10 +469,51 @@ def test_redis_url_written_inline_is_refused() -> None:
     assert ":pw@" not in message
 
 
+def test_redis_url_file_is_read_instead_of_the_variable(tmp_path: Path) -> None:
+    secret = tmp_path / "redis-url"
+    secret.write_text("rediss://:pw@redis:6380/0\n", encoding="utf-8")
+    text = MANAGER + f'[state]\nbackend = "redis"\nredis_url_file = "{secret}"\n'
+
+    config = parse_config(text, environ={})
+
+    assert config.state.redis_url is not None
+    assert config.state.redis_url.get_secret_value() == "rediss://:pw@redis:6380/0"
+
+
+def test_redis_url_file_with_another_scheme_names_the_file_not_the_url(tmp_path: Path) -> None:
+    secret = tmp_path / "redis-url"
+    secret.write_text("http://:pw@redis", encoding="utf-8")
+    text = MANAGER + f'[state]\nbackend = "redis"\nredis_url_file = "{secret}"\n'
+
+    message = config_error(text, {})
+
+    assert "state.redis_url_file" in message and str(secret) in message
+    assert ":pw@" not in message
+
+
+def test_redis_url_env_and_file_together_are_refused() -> None:
+    text = MANAGER + '[state]\nredis_url_env = "R"\nredis_url_file = "/run/secrets/r"\n'
+
+    assert "redis_url_env or redis_url_file" in config_error(text, {})
+
+
 def test_share_tokens_without_redis_is_refused() -> None:
     message = config_error(MANAGER + "[state]\nshare_tokens = true\n")
 
     assert "state" in message and "share_tokens" in message
+
+
+def test_shared_tokens_with_the_outbox_in_redis_are_refused() -> None:
+    text = (
+        MANAGER
+        + '[state]\nbackend = "redis"\nshare_tokens = true\n'
+        + '[outbox]\nenabled = true\nkey_env = "K"\n'
+    )
+    environ = {**ENV, "REDIS_URL": "redis://127.0.0.1:6379/0", "K": new_key()}
+
+    message = config_error(text, environ)
+
+    assert "state.share_tokens" in message and "disk" in message
 
 
 @pytest.mark.parametrize(
@@ -569,7 +611,8 @@ def test_example_config_without_its_variable_names_it() -> None:
 
 
 def test_demo_config_loads_and_its_documented_keys_match_the_hashes() -> None:
-    config = load_config(REPO / "config" / "demo.toml", environ={"DEMO_ORG_KEY": "demo"})
+    environ = {"DEMO_ORG_KEY": "demo", "OUTBOX_KEY": new_key()}
+    config = load_config(REPO / "config" / "demo.toml", environ=environ)
 
     # demo.toml's header documents the partners' keys; `make demo` prints curl lines with them.
     hashes = {name: partner.key_sha256 for name, partner in config.partners.items()}
@@ -579,3 +622,103 @@ def test_demo_config_loads_and_its_documented_keys_match_the_hashes() -> None:
     }
     assert config.manager.base_url == "http://127.0.0.1:8090"
     assert ipaddress.ip_network("127.0.0.0/8") in config.pdf.allow_networks
+    assert config.outbox.enabled and len(config.outbox.keys) == 1  # the demo shows the outbox
+
+
+# --- manager proxy ------------------------------------------------------------------------------
+
+
+def test_no_proxy_by_default_even_with_proxy_variables_in_the_environment() -> None:
+    config = parse_config(MANAGER, environ={"HTTPS_PROXY": "http://proxy:3128"})
+
+    assert config.manager.proxy is None and config.manager.trust_env is False
+
+
+def test_proxy_url_from_the_file_is_used() -> None:
+    config = parse_config(MANAGER + 'proxy_url = "http://proxy.corp:3128"\n', environ={})
+
+    assert config.manager.proxy is not None
+    assert config.manager.proxy.get_secret_value() == "http://proxy.corp:3128"
+
+
+def test_proxy_url_with_credentials_in_the_file_is_refused_without_echoing_them() -> None:
+    message = config_error(MANAGER + 'proxy_url = "http://gw:hunter2@proxy.corp:3128"\n')
+
+    assert "manager.proxy_url" in message and "proxy_url_env" in message
+    assert "hunter2" not in message and "proxy.corp" not in message
+
+
+def test_proxy_url_env_may_carry_credentials_and_stays_secret() -> None:
+    url = "http://gw:hunter2@proxy.corp:3128"
+
+    config = parse_config(MANAGER + 'proxy_url_env = "P"\n', environ={"P": f" {url} "})
+
+    assert config.manager.proxy is not None and config.manager.proxy.get_secret_value() == url
+    assert "hunter2" not in repr(config) and "hunter2" not in str(config.model_dump())
+
+
+def test_proxy_url_file_is_read(tmp_path: Path) -> None:
+    secret = tmp_path / "proxy"
+    secret.write_text("https://gw:pw@proxy.corp\n", encoding="utf-8")
+
+    config = parse_config(MANAGER + f'proxy_url_file = "{secret}"\n', environ={})
+
+    assert config.manager.proxy is not None
+    assert config.manager.proxy.get_secret_value() == "https://gw:pw@proxy.corp"
+
+
+@pytest.mark.parametrize(
+    ("line", "environ", "names"),
+    [
+        ('proxy_url_env = "P"', {}, ["manager.proxy_url_env", "P"]),
+        ('proxy_url_env = "P"', {"P": "ftp://gw:hunter2@corp"}, ["manager.proxy_url_env"]),
+        ('proxy_url_file = "/nonexistent/proxy"', {}, ["manager.proxy_url_file"]),
+        ("trust_env = true", {"HTTPS_PROXY": "gw:hunter2@corp:1"}, ["trust_env", "HTTPS_PROXY"]),
+    ],
+)
+def test_unusable_proxy_secret_names_the_key_and_never_the_value(
+    line: str, environ: dict[str, str], names: list[str]
+) -> None:
+    message = config_error(MANAGER + line + "\n", environ)
+
+    assert all(name in message for name in names), message
+    assert "hunter2" not in message
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({"HTTPS_PROXY": "http://gw:pw@proxy.corp:3128"}, "http://gw:pw@proxy.corp:3128"),
+        ({"https_proxy": "http://a:1", "HTTPS_PROXY": "http://b:1"}, "http://a:1"),
+        ({"HTTP_PROXY": "http://proxy.corp:3128"}, None),  # Manager is https
+        ({"HTTPS_PROXY": "http://proxy.corp:3128", "NO_PROXY": ".example"}, None),
+        ({}, None),
+    ],
+)
+def test_trust_env_reads_the_proxy_for_managers_scheme_and_honours_no_proxy(
+    environ: dict[str, str], expected: str | None
+) -> None:
+    config = parse_config(MANAGER + "trust_env = true\n", environ=environ)
+
+    proxy = config.manager.proxy
+    assert (proxy.get_secret_value() if proxy else None) == expected
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        'proxy_url = "http://p:1"\ntrust_env = true',
+        'proxy_url = "http://p:1"\nproxy_url_env = "P"',
+        'proxy_url_env = "P"\nproxy_url_file = "/run/secrets/p"',
+    ],
+)
+def test_more_than_one_proxy_source_is_refused(lines: str) -> None:
+    message = config_error(MANAGER + lines + "\n", {"P": "http://p:1"})
+
+    assert "manager" in message and "not several" in message
+
+
+def test_resolved_proxy_written_inline_is_refused() -> None:
+    message = config_error(MANAGER + 'proxy = "http://gw:hunter2@p:1"\n')
+
+    assert "proxy_url_env" in message and "hunter2" not in message

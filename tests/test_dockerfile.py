@@ -28,9 +28,20 @@ def instruction(name: str) -> str:
     return str(found[-1]).strip()
 
 
-def test_final_image_runs_as_a_non_root_user() -> None:
-    user = instruction("USER")
-    assert user not in ("root", "0")
+def test_final_image_runs_as_a_non_root_user_with_a_high_uid() -> None:
+    uid, _, gid = instruction("USER").partition(":")
+    # Numeric, so that Kubernetes' runAsNonRoot can verify it; high, so it is no host user.
+    assert uid.isdigit() and int(uid) >= 10000
+    assert gid.isdigit() and int(gid) != 0
+
+
+def test_data_directory_is_a_volume_owned_by_the_image_user() -> None:
+    uid, _, gid = instruction("USER").partition(":")
+    assert "/var/lib/telemed-gateway" in json.loads(instruction("VOLUME"))
+    run = instruction("RUN")
+    created = re.search(r"install --directory (.*?) /var/lib/telemed-gateway", run)
+    assert created, "the data directory is created in the image"
+    assert f"--owner={uid}" in created.group(1) and f"--group={gid}" in created.group(1)
 
 
 def test_final_stage_installs_no_compiler() -> None:

@@ -33,6 +33,7 @@ from gateway.auth import hash_key
 from gateway.config import load_config
 from gateway.gateway import Gateway
 from gateway.observability import LOGGER_NAME, setup_logging
+from gateway.outbox.sealing import new_key
 from gateway.sandbox import DEMO_ORG_KEY, SANDBOX_KEY, SandboxState, create_sandbox_app
 from gateway.server import reload_config
 
@@ -517,6 +518,31 @@ async def test_reload_that_changes_the_state_backend_is_refused(
     [refusal] = [e for e in log_events(log_stream) if e["event"] == "config_reload_refused"]
     assert "state" in refusal["reason"] and "restart" in refusal["reason"]
     assert (await post(client, KEY_A, "AFTER-STATE"))[0] == 200
+
+
+async def test_reload_that_turns_the_outbox_on_is_refused(
+    client: Client,
+    gateway: Gateway,
+    config_path: Path,
+    base_url: str,
+    log_stream: io.StringIO,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    monkeypatch.setenv("RELOAD_OUTBOX_KEY", new_key())
+    before = gateway.runtime
+    extra = (
+        f'\n[outbox]\nenabled = true\npath = "{tmp_path / "outbox.db"}"\n'
+        'key_env = "RELOAD_OUTBOX_KEY"\n'
+    )
+    write(config_path, config_text(base_url, extra=extra))
+
+    assert reload_config(gateway, config_path) is False
+
+    assert gateway.runtime is before and gateway.outbox is None
+    [refusal] = [e for e in log_events(log_stream) if e["event"] == "config_reload_refused"]
+    assert "outbox" in refusal["reason"] and "restart" in refusal["reason"]
+    assert not (tmp_path / "outbox.db").exists()
 
 
 async def test_reload_applies_a_new_log_level(

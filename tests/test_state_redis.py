@@ -9,13 +9,8 @@ while Redis is down. Redis keeps real time, so the expiry tests sleep a few hund
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import socket
-import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final
 
 import pytest
 import redis.asyncio as aioredis
@@ -23,6 +18,7 @@ from aiohttp.test_utils import TestServer
 from conftest import (
     ENVIRON,
     Client,
+    RedisServer,
     Reply,
     assert_error,
     base_url_of,
@@ -44,109 +40,6 @@ from gateway.sandbox import DEMO_ORG_ID, DEMO_ORG_KEY, SANDBOX_KEY, SandboxState
 from gateway.state import Claim, ClaimStatus, StoredReply
 from gateway.state.redis import NAMESPACE, RedisStore, RedisTokens
 from gateway.tokens import Token
-
-# --- a redis-server of the tests' own -----------------------------------------------------------
-
-REDIS_START_S: Final = 5.0
-REDIS_POLL_S: Final = 0.05
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class RedisServer:
-    """One ``redis-server`` on 127.0.0.1, without persistence; stopped and started on one port."""
-
-    def __init__(self, executable: str, port: int) -> None:
-        self.executable = executable
-        self.port = port
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def start(self) -> None:
-        assert not self.running
-        self.process = subprocess.Popen(
-            [
-                self.executable, "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--daemonize", "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        for _ in range(int(REDIS_START_S / REDIS_POLL_S)):
-            if self.command(b"PING") == b"+PONG":
-                return
-            try:  # waits (bounded) and notices a server that exited, e.g. on a taken port
-                code = self.process.wait(timeout=REDIS_POLL_S)
-            except subprocess.TimeoutExpired:
-                continue
-            raise RuntimeError(f"redis-server on port {self.port} exited with {code}")
-        self.stop()
-        raise RuntimeError(f"redis-server on port {self.port} did not answer PING")
-
-    def stop(self) -> None:
-        process, self.process = self.process, None
-        if process is None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-    def command(self, name: bytes) -> bytes | None:
-        """One inline command's first reply line (``PING``, ``FLUSHALL``); None if unreachable."""
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                sock.sendall(name + b"\r\n")
-                return sock.recv(256).split(b"\r\n", 1)[0]
-        except OSError:
-            return None
-
-
-def run_redis_server() -> Iterator[RedisServer]:
-    """Body of a module-scoped fixture: skip without ``redis-server`` (fail when ``$CI`` is set)."""
-    executable = shutil.which("redis-server")
-    if executable is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is not installed; CI must install it")
-        pytest.skip("redis-server is not installed")
-    server = RedisServer(executable, free_port())
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    yield from run_redis_server()
-
-
-def fresh_redis(server: RedisServer) -> str:
-    """The URL of ``server``, running and empty (a previous test may have stopped it)."""
-    if not server.running:
-        server.start()
-    assert server.command(b"FLUSHALL") == b"+OK"
-    return server.url
-
-
-@pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    return fresh_redis(redis_server)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +23,19 @@ from typing import Any, Final
 
 import aiohttp
 import pytest
-from conftest import ENVIRON, KEYS, REPO_ROOT, flat_order, gateway_toml, toml_table
+from conftest import (
+    ENVIRON,
+    KEYS,
+    REPO_ROOT,
+    RedisServer,
+    flat_order,
+    free_port,
+    gateway_toml,
+    toml_table,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpServer
 from test_cli import catches
-from test_state_redis import RedisServer, free_port, fresh_redis, run_redis_server
 
 from gateway.auth import hash_key
 from gateway.sandbox import SANDBOX_KEY, SandboxState, create_sandbox_app
@@ -38,16 +46,6 @@ START_S: Final = 15.0  # a cold interpreter importing the gateway, twice in para
 STOP_S: Final = 10.0
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    yield from run_redis_server()
-
-
-@pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    return fresh_redis(redis_server)
-
-
 @pytest.fixture
 async def sandbox(aiohttp_server: AiohttpServer) -> AsyncIterator[tuple[str, SandboxState]]:
     server = await aiohttp_server(create_sandbox_app(), host="127.0.0.1")
@@ -55,9 +53,16 @@ async def sandbox(aiohttp_server: AiohttpServer) -> AsyncIterator[tuple[str, San
 
 
 def write_config(
-    path: Path, sandbox_url: str, *, port: int, admin_port: int, backend: str = "redis"
+    path: Path,
+    sandbox_url: str,
+    *,
+    port: int,
+    admin_port: int,
+    backend: str = "redis",
+    extra: str = "",
 ) -> Path:
-    """The test configuration plus a partner ``burst`` limited to ``BURST_RATE`` per minute."""
+    """The test configuration plus a partner ``burst`` limited to ``BURST_RATE`` per minute
+    (and ``extra`` TOML tables)."""
     text = gateway_toml(
         sandbox_url,
         server={"port": port, "admin_port": admin_port},
@@ -67,7 +72,7 @@ def write_config(
         "partners.burst",
         {"shop": "main", "key_sha256": hash_key(BURST_KEY), "rate_per_min": BURST_RATE},
     )
-    text += "\n" + toml_table("state", {"backend": backend})
+    text += "\n" + toml_table("state", {"backend": backend}) + extra
     path.write_text(text, encoding="utf-8")
     return path
 
@@ -153,6 +158,8 @@ async def serving(
     *,
     count: int = 1,
     workers: int = 1,
+    extra_toml: str = "",
+    extra_env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[list[Served]]:
     """``count`` gateway processes, ready; SIGTERM at the end (exit 0 asserted); kill on error."""
     started: list[Served] = []
@@ -160,14 +167,19 @@ async def serving(
         for i in range(count):
             port, admin_port = free_port(), free_port()
             config = write_config(
-                tmp_path / f"gateway-{i}.toml", sandbox_url, port=port, admin_port=admin_port
+                tmp_path / f"gateway-{i}.toml",
+                sandbox_url,
+                port=port,
+                admin_port=admin_port,
+                extra=extra_toml,
             )
             log = tmp_path / f"gateway-{i}.log"
             with log.open("wb") as out:
                 process = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "gateway", "serve", "--config", str(config),
                     "--workers", str(workers),
-                    cwd=REPO_ROOT, env=child_env(redis_url), stdout=out, stderr=out,
+                    cwd=REPO_ROOT, env={**child_env(redis_url), **(extra_env or {})},
+                    stdout=out, stderr=out,
                 )  # fmt: skip
             started.append(Served(process, port, admin_port, log))
         async with aiohttp.ClientSession() as session:

@@ -87,8 +87,10 @@ class DueOrder:
 class Settlement:
     """The result of one delivery attempt (or of an operator's action) for the ledger.
 
-    ``status`` QUEUED means "try again at ``next_attempt_at``". The sealed body is deleted for
-    DELIVERED, REJECTED and DROPPED, kept for QUEUED and FAILED.
+    ``status`` QUEUED means "try again at ``next_attempt_at``" (None: now). The sealed body is
+    deleted for DELIVERED, REJECTED and DROPPED, kept for QUEUED and FAILED. A ``last_error`` of
+    None keeps the entry's last error (a failed order still says why), except that DELIVERED
+    clears it. ``order_request_id`` and ``manager_status`` of None keep the entry's.
     """
 
     status: OrderStatus

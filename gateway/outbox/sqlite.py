@@ -14,9 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import queue
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,16 +34,15 @@ from gateway.outbox import (
     Settlement,
 )
 from gateway.outbox.sealing import Sealer, SealError
+from gateway.outbox.writer import SqliteWriter
 from gateway.state import Claim, ClaimStatus, StoredReply
 from gateway.state.memory import MemoryStore
 
 T = TypeVar("T")
-Operation = Callable[[sqlite3.Connection], Any]
 
 # PRAGMA application_id: marks the file as this gateway's outbox ("TGOB").
 APPLICATION_ID: Final = 0x54474F42
 SCHEMA_VERSION: Final = 1
-MAX_BATCH: Final = 256
 CANARY: Final = b"telemed-gateway outbox"
 
 _SCHEMA: Final = (
@@ -75,92 +72,6 @@ class OutboxFileError(Exception):
     """The outbox file cannot be used as it is (corrupted, foreign, or sealed with other keys)."""
 
 
-class _Writer(threading.Thread):
-    """Owns the connection; runs queued operations in grouped transactions."""
-
-    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
-        super().__init__(name="outbox-sqlite", daemon=True)
-        self._connect = connect
-        self._queue: queue.SimpleQueue[
-            tuple[Operation, asyncio.AbstractEventLoop, asyncio.Future[Any]] | None
-        ] = queue.SimpleQueue()
-        self.opened: threading.Event = threading.Event()
-        self.open_error: BaseException | None = None
-
-    def submit(self, operation: Operation) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._queue.put((operation, loop, future))
-        return future
-
-    def stop(self) -> None:
-        self._queue.put(None)
-
-    def run(self) -> None:
-        try:
-            connection = self._connect()
-        except BaseException as exc:  # reported to the opener, which decides
-            self.open_error = exc
-            self.opened.set()
-            return
-        self.opened.set()
-        try:
-            while self._run_batch(connection):
-                pass
-        finally:
-            connection.close()
-
-    def _run_batch(self, connection: sqlite3.Connection) -> bool:
-        first = self._queue.get()
-        if first is None:
-            return False
-        batch = [first]
-        while len(batch) < MAX_BATCH:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is None:
-                self._queue.put(None)  # stop after this batch
-                break
-            batch.append(item)
-        results: list[tuple[bool, Any]] = []
-        try:
-            connection.execute("BEGIN IMMEDIATE")
-            for operation, _, _ in batch:
-                results.append(_run_one(connection, operation))
-            connection.execute("COMMIT")
-        except sqlite3.Error as exc:
-            # The commit (or BEGIN) failed: nothing of this batch is durable.
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
-            results = [(False, exc)] * len(batch)
-        for (_, loop, future), (ok, value) in zip(batch, results, strict=True):
-            loop.call_soon_threadsafe(_resolve, future, ok, value)
-        return True
-
-
-def _run_one(connection: sqlite3.Connection, operation: Operation) -> tuple[bool, Any]:
-    connection.execute("SAVEPOINT op")
-    try:
-        value = operation(connection)
-    except Exception as exc:  # this operation only: the others in the batch go on
-        connection.execute("ROLLBACK TO op")
-        connection.execute("RELEASE op")
-        return False, exc
-    connection.execute("RELEASE op")
-    return True, value
-
-
-def _resolve(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
-    if future.cancelled():
-        return
-    if ok:
-        future.set_result(value)
-    else:
-        future.set_exception(value)
-
-
 class SqliteOutbox:
     """:class:`gateway.outbox.OutboxStore` (and the gateway's state store) in one SQLite file."""
 
@@ -183,7 +94,7 @@ class SqliteOutbox:
         self._max_pages = max_pages
         self._pending: dict[str, tuple[str, float]] = {}
         self._buckets = MemoryStore(max_entries=max_rate_buckets)
-        self._writer: _Writer | None = None
+        self._writer: SqliteWriter | None = None
         self.problem: str | None = "not opened"
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -194,7 +105,7 @@ class SqliteOutbox:
         A file that cannot be used leaves the store unavailable (every call answers
         :class:`StateUnavailableError`, ``ping`` is False) and untouched: nothing stored is lost.
         """
-        writer = _Writer(self._connect)
+        writer = SqliteWriter(self._connect)
         writer.start()
         await asyncio.get_running_loop().run_in_executor(None, writer.opened.wait)
         if writer.open_error is not None:
@@ -254,6 +165,10 @@ class SqliteOutbox:
             raise OutboxFileError(
                 "the outbox was sealed with another key: put the old key back in outbox keys"
             ) from None
+        if self._owner:
+            # Sealed again with the first key: after a rotation the old key can then be removed.
+            canary = self._sealer.seal(CANARY)
+            connection.execute("UPDATE meta SET value = ? WHERE name = 'canary'", (canary,))
 
     def _recover(self, connection: sqlite3.Connection) -> None:
         # Orders left leased by a crash of this (the only serving) process are due again now.
@@ -377,15 +292,18 @@ class SqliteOutbox:
             status = settlement.status
             connection.execute(
                 "UPDATE orders SET status = ?, attempts = attempts + ?, updated_at = ?, "
-                "next_at = ?, leased = 0, last_error = ?, "
+                "next_at = ?, leased = 0, "
+                "last_error = coalesce(?, CASE WHEN ? THEN NULL ELSE last_error END), "
                 "order_request_id = coalesce(?, order_request_id), "
                 "manager_status = coalesce(?, manager_status), events = ?, "
                 "body = CASE WHEN ? THEN NULL ELSE body END "
                 "WHERE partner = ? AND reference = ?",
                 (
                     status.value, int(settlement.attempted), settlement.now,
-                    settlement.next_attempt_at if status is OrderStatus.QUEUED else None,
-                    settlement.last_error, settlement.order_request_id,
+                    (settlement.next_attempt_at or settlement.now)
+                    if status is OrderStatus.QUEUED else None,
+                    settlement.last_error, status is OrderStatus.DELIVERED,
+                    settlement.order_request_id,
                     settlement.manager_status, _dump_events(events), status in SETTLED,
                     partner, reference,
                 ),
