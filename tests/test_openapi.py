@@ -5,7 +5,7 @@ and stopped by PID. Schemathesis (its CLI, as a user would run it) reads the doc
 serves, with its ``servers`` replaced by the gateway's loopback URL so that nothing is looked up
 elsewhere, and tests every operation in it with all of its checks, a bounded number of examples
 and a fixed seed. Operations added to the document later are tested too; a configuration they
-need goes into ``EXTRA_CONFIG``.
+need goes into ``EXTRA_CONFIG`` (the outbox is on, for the order status endpoint).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Final
 import aiohttp
 import pytest
 from conftest import KEYS, REPO_ROOT, gateway_toml
+from cryptography.fernet import Fernet
 from test_cli import child_env, free_port, status_of, wait_for
 
 from gateway.routes import OPENAPI_PATH
@@ -30,7 +31,14 @@ SCHEMATHESIS: Final = Path(sys.executable).with_name("schemathesis")
 # The partner whose prescription URLs are forwarded, not fetched: generated URLs must not make
 # the gateway look up hosts that are not loopback.
 PARTNER_KEY: Final = KEYS["fwd"]
-EXTRA_CONFIG: Final = ""
+# The outbox on (SQLite in the test's directory), so that the status endpoint answers for real.
+OUTBOX_KEY: Final = Fernet.generate_key().decode()
+EXTRA_CONFIG: Final = """
+[outbox]
+enabled = true
+path = "{tmp}/outbox.db"
+key_env = "SCHEMATHESIS_OUTBOX_KEY"
+"""
 MAX_EXAMPLES: Final = 25
 SEED: Final = 20261202
 START_S: Final = 15.0
@@ -72,7 +80,11 @@ async def start(
     cwd = REPO_ROOT if args[0] == sys.executable else log.parent
     with log.open("ab") as out:
         process = await asyncio.create_subprocess_exec(
-            *args, cwd=cwd, env=child_env(), stdout=out, stderr=out
+            *args,
+            cwd=cwd,
+            env={**child_env(), "SCHEMATHESIS_OUTBOX_KEY": OUTBOX_KEY},
+            stdout=out,
+            stderr=out,
         )
     started.append(process)
     return process
@@ -96,7 +108,7 @@ async def test_schemathesis_finds_no_failure_in_the_published_api(tmp_path: Path
     config = tmp_path / "gateway.toml"
     server = {"port": port, "admin_port": admin_port}
     text = gateway_toml(f"http://127.0.0.1:{sandbox_port}", server=server, manager={"retries": 0})
-    config.write_text(text + EXTRA_CONFIG, encoding="utf-8")
+    config.write_text(text + EXTRA_CONFIG.format(tmp=tmp_path), encoding="utf-8")
     log = tmp_path / "processes.log"
 
     async with processes() as started, aiohttp.ClientSession() as session:
