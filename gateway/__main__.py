@@ -1,15 +1,20 @@
-"""``python -m gateway``: the same as the ``gateway`` command.
+"""The ``gateway`` command's entry point (also ``python -m gateway``).
 
 ``serve`` latches its stop and reload signals first (``signals.py``), before the imports and the
-start-up that take a second: how the workers of ``serve --workers N`` are started.
+start-up that take a second; then ``cli.main`` runs the command.
 """
 
 import sys
 
 from gateway.signals import SignalLatch
 
-latch = SignalLatch.install() if sys.argv[1:2] == ["serve"] else None
 
-from gateway.cli import main  # noqa: E402 - after the latch, on purpose
+def main() -> int:
+    latch = SignalLatch.install() if sys.argv[1:2] == ["serve"] else None
+    from gateway.cli import main as run  # after the latch, on purpose: this import is the slow part
 
-sys.exit(main(latch=latch))
+    return run(latch=latch)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

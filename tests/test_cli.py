@@ -442,15 +442,20 @@ def catches(pid: int, signum: int) -> bool:
     return False
 
 
+@pytest.mark.parametrize(
+    "command",
+    [[sys.executable, "-m", "gateway"], [str(Path(sys.executable).with_name("gateway"))]],
+    ids=["python -m gateway", "gateway"],
+)
 async def test_sigterm_while_serve_starts_is_honoured_once_it_serves_and_exits_0(
-    tmp_path: Path,
+    tmp_path: Path, command: list[str]
 ) -> None:
     port, admin_port = free_port(), free_port()
     path = write_config(tmp_path, server={"port": port, "admin_port": admin_port})
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "serve", "--config", str(path),
+            *command, "serve", "--config", str(path),
             cwd=REPO_ROOT, env=child_env(), stdout=log, stderr=log,
         )  # fmt: skip
     try:
