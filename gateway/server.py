@@ -49,7 +49,9 @@ def reload_config(gateway: Gateway, path: Path) -> bool:
     if _listening(config) != _listening(old) or (
         config.idempotency.max_entries != old.idempotency.max_entries
     ):
-        log_event(30, "config_change_needs_restart", reason="server ports or max_entries")
+        log_event(
+            30, "config_change_needs_restart", reason="server ports, read_timeout_s or max_entries"
+        )
     if config.logging != old.logging:
         setup_logging(config.logging.level, config.logging.format)
     if config.manager != old.manager and gateway.manager_client is not None:
@@ -62,8 +64,11 @@ def reload_config(gateway: Gateway, path: Path) -> bool:
     return True
 
 
-def _listening(config: Config) -> tuple[str, int, int]:
-    return config.server.host, config.server.port, config.server.admin_port
+def _listening(config: Config) -> tuple[str, int, int, float]:
+    # read_timeout_s: the headers' deadline is set on the listening apps (app.connection_settings)
+    # when they start; the body's deadline follows a reload.
+    server = config.server
+    return server.host, server.port, server.admin_port, server.read_timeout_s
 
 
 async def serve(
