@@ -13,10 +13,11 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver
 
 from gateway.config import Config
+from gateway.console.handlers import add_console_routes
 from gateway.gateway import GATEWAY_KEY, Gateway
 from gateway.manager import USER_AGENT, ManagerClient
 from gateway.middleware import create_middleware
-from gateway.observability import Metrics, log_event
+from gateway.observability import Metrics, RequestLog, log_event
 from gateway.outbox.deliverer import Outbox
 from gateway.outbox.factory import create_outbox_store, open_outbox_store
 from gateway.outbox.sealing import Sealer
@@ -50,18 +51,25 @@ def create_gateway(config: Config, seams: Seams | None = None) -> Gateway:
     """The shared state for both apps (compiles the configuration)."""
     seams = seams or Seams()
     runtime = build_runtime(config)
-    if config.outbox.enabled:
-        # The outbox's store is also the state store: idempotency records survive a restart.
-        outbox_store = create_outbox_store(
-            config, clock=seams.clock, max_pages=seams.outbox_max_pages
-        )
-        gateway = Gateway(runtime=runtime, state=outbox_store, metrics=seams.metrics)
+    # With the outbox, its store is also the state store: idempotency records survive a restart.
+    outbox_store = (
+        create_outbox_store(config, clock=seams.clock, max_pages=seams.outbox_max_pages)
+        if config.outbox.enabled
+        else None
+    )
+    gateway = Gateway(
+        runtime=runtime,
+        state=create_store(config, seams) if outbox_store is None else outbox_store,
+        metrics=seams.metrics,
+        request_log=RequestLog(clock=seams.clock),
+        clock=seams.clock,
+        created_at=seams.clock(),
+    )
+    if outbox_store is not None:
         gateway.outbox = Outbox(
             outbox_store, Sealer(config.outbox.keys), config.outbox,
             metrics=seams.metrics, clock=seams.clock, rand=seams.rand,
         )  # fmt: skip
-    else:
-        gateway = Gateway(runtime=runtime, state=create_store(config, seams), metrics=seams.metrics)
     gateway.metrics.set_config(config.digest)
     return gateway
 
@@ -88,7 +96,7 @@ def create_app(
     # Body size is enforced by intake.py against the live server.max_body_mb (which a reload may
     # raise); aiohttp's own 1 MiB default would refuse bodies the operator allowed.
     app = web.Application(
-        middlewares=[create_middleware(gateway.metrics)],
+        middlewares=[create_middleware(gateway.metrics, gateway.request_log)],
         client_max_size=UNLIMITED_BODY,
         handler_args=connection_settings(config),
     )
@@ -121,13 +129,16 @@ def connection_settings(config: Config) -> dict[str, object]:
 
 
 def create_admin_app(gateway: Gateway) -> web.Application:
-    """``/healthz``, ``/readyz``, ``/metrics`` for operators and probes, on their own port."""
+    """``/healthz``, ``/readyz``, ``/metrics`` for operators and probes, on their own port, and
+    the operator console (``/``). The console is never served on the partner port, not even with
+    ``admin_port = 0``: that port faces the partners (and the internet)."""
     app = web.Application(
-        middlewares=[create_middleware(None)],
+        middlewares=[create_middleware(None, None)],
         handler_args=connection_settings(gateway.runtime.config),
     )
     app[GATEWAY_KEY] = gateway
     add_admin_routes(app)
+    add_console_routes(app)
     return app
 
 

@@ -33,6 +33,8 @@ DEFAULT_CONFIG_PATH: Final = "config/gateway.toml"
 CONFIG_ENV: Final = "GATEWAY_CONFIG"
 _SHA256_HEX: Final = re.compile(r"^[0-9a-f]{64}$")
 _NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# A console token shorter than this is refused: it guards the Retry and Drop buttons.
+MIN_ADMIN_TOKEN_CHARS: Final = 16
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -63,6 +65,27 @@ class ServerConfig(_Section):
     # its previous answer was sent) and, separately, its body: a stuck or trickling client cannot
     # hold a connection longer. Also how long an idle keep-alive connection is kept.
     read_timeout_s: float = Field(default=30, gt=0, le=3600)
+
+    # The operator console's token (contract section 12): without one the console is read-only.
+    admin_token_env: str | None = None
+    admin_token_file: str | None = None
+    # Filled by load_config from admin_token_env / admin_token_file; never read from the file.
+    admin_token: SecretStr | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_token(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "admin_token" in data:
+            raise ValueError(
+                "secrets never live in the file: use admin_token_env or admin_token_file"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> ServerConfig:
+        if self.admin_token_env and self.admin_token_file:
+            raise ValueError("set admin_token_env or admin_token_file, not both")
+        return self
 
     @property
     def max_body_bytes(self) -> int:
@@ -382,7 +405,24 @@ def parse_config(
     if manager is not config.manager:
         update["manager"] = manager
     update["outbox"] = _with_outbox_keys(config.outbox, environ)
+    update["server"] = _with_admin_token(config.server, environ)
     return config.model_copy(update=update)
+
+
+def _with_admin_token(server: ServerConfig, environ: Mapping[str, str]) -> ServerConfig:
+    """The console's token from ``admin_token_env`` / ``admin_token_file`` (None: read-only)."""
+    token = read_secret(
+        "server.admin_token", server.admin_token_env, server.admin_token_file, environ
+    )
+    if token is None:
+        return server
+    if len(token) < MIN_ADMIN_TOKEN_CHARS:
+        suffix = "env" if server.admin_token_env else "file"
+        raise ConfigError(
+            f"server.admin_token_{suffix}: the console token must have at least "
+            f"{MIN_ADMIN_TOKEN_CHARS} characters"
+        )
+    return server.model_copy(update={"admin_token": SecretStr(token)})
 
 
 def _with_outbox_keys(outbox: OutboxConfig, environ: Mapping[str, str]) -> OutboxConfig:

@@ -6,6 +6,7 @@ error. The tree branches by who has to act::
     GatewayError (500 internal_error)
     ├── PartnerError            4xx: the partner can fix the request
     │   ├── InvalidJsonError, UnauthorizedError, WrongHostError, RequestTimeoutError, ...
+    │   ├── ForbiddenError                     a console action without the operator's session
     │   ├── ValidationFailedError              (details: one entry per problem)
     │   ├── PrescriptionPdf{Invalid,Unreachable,Blocked}Error
     │   └── UpstreamRejectedError              Manager refused the order (Manager's status)
@@ -84,6 +85,14 @@ class ShopMismatchError(PartnerError):
     status = 403
     code = "shop_mismatch"
     default_message = "The body names a shop or organisation other than the key's."
+
+
+class ForbiddenError(PartnerError):
+    """An operator console action without the operator's session (or with a stale form)."""
+
+    status = 403
+    code = "forbidden"
+    default_message = "This console action needs the operator's token; log in first."
 
 
 class NotFoundError(PartnerError):

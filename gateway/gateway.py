@@ -6,13 +6,15 @@ One object per process, held by both the partner app and the admin app. A reload
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
 from aiohttp import web
 
 from gateway.manager import ManagerClient
-from gateway.observability import Metrics
+from gateway.observability import Metrics, RequestLog
 from gateway.outbox.deliverer import Outbox
 from gateway.pdf import PdfFetcher
 from gateway.runtime import Runtime
@@ -24,6 +26,9 @@ class Gateway:
     runtime: Runtime
     state: StateStore
     metrics: Metrics = field(default_factory=Metrics)
+    request_log: RequestLog = field(default_factory=RequestLog)  # the partner port's requests
+    clock: Callable[[], float] = time.time  # the injected clock (tests move it by hand)
+    created_at: float = 0.0  # Unix time; the console's uptime
     manager_client: ManagerClient | None = None
     pdf_fetcher: PdfFetcher | None = None
     outbox: Outbox | None = None  # store and forward, when [outbox] enabled

@@ -167,7 +167,7 @@ class ManagerClient:
             async with asyncio.timeout(self._config.timeout_s):
                 return await self._send_with_retries(target, body, deadline)
         except TimeoutError:
-            self._metrics.upstream_requests.labels(status="timeout").inc()
+            self._metrics.count_upstream("timeout", self._clock())
             raise UpstreamTimeoutError() from None
 
     async def _send_with_retries(
@@ -221,7 +221,7 @@ class ManagerClient:
         started = time.perf_counter()
         reply = await self._post(url, headers, body)
         self._metrics.upstream_duration.observe(time.perf_counter() - started)
-        self._metrics.upstream_requests.labels(status=str(reply.status)).inc()
+        self._metrics.count_upstream(str(reply.status), self._clock())
         bind_log_context(upstream_status=reply.status)
         if token is not None and reply.status == 401:
             await self.tokens.forget(target.org_id, target.key, token)
@@ -270,7 +270,7 @@ class ManagerClient:
         except aiohttp.ClientError as exc:
             if isinstance(exc, TimeoutError):
                 raise  # the token fetch's own deadline: reported by the caller
-            self._metrics.upstream_requests.labels(status="error").inc()
+            self._metrics.count_upstream("error", self._clock())
             raise _Transient(exc.__class__.__name__) from exc
 
     async def _fetch_token(self, org_id: str, key: str) -> Token:

@@ -25,6 +25,7 @@ from gateway.errors import (
 )
 from gateway.observability import (
     Metrics,
+    RequestLog,
     bind_log_context,
     current_log_fields,
     log_context,
@@ -77,8 +78,11 @@ def to_gateway_error(exc: web.HTTPException) -> GatewayError:
     return PartnerError(exc.reason, status=exc.status, headers=headers)
 
 
-def create_middleware(metrics: Metrics | None) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """The middleware for the partner app (with metrics) or the admin app (``metrics=None``)."""
+def create_middleware(
+    metrics: Metrics | None, request_log: RequestLog | None
+) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """The middleware for the partner app (with metrics and the request log) or the admin app
+    (``metrics=None``: operators' and probes' requests are neither counted nor logged)."""
 
     @web.middleware
     async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -99,10 +103,11 @@ def create_middleware(metrics: Metrics | None) -> Callable[..., Awaitable[web.St
                 partner = str(current_log_fields().get("partner", "unknown"))
                 metrics.requests.labels(partner=partner, code=str(response.status)).inc()
                 metrics.request_duration.observe(elapsed)
-                log_event(
-                    20, "request", method=request.method, path=request.path,
-                    status=response.status, duration_ms=round(elapsed * 1000, 2),
-                )  # fmt: skip
+                if request_log is not None:
+                    request_log.write(
+                        method=request.method, path=request.path,
+                        status=response.status, duration_ms=round(elapsed * 1000, 2),
+                    )  # fmt: skip
         return response
 
     return gateway_middleware

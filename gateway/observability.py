@@ -10,10 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import traceback
-from collections.abc import Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, TextIO
 
@@ -174,6 +177,92 @@ def setup_logging(level: str = "info", fmt: str = "json", stream: TextIO | None 
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+RECENT_REQUESTS: Final = 50
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """One partner request as the request log line tells it (the console's recent requests)."""
+
+    at: float  # Unix time the answer was given
+    method: str
+    path: str
+    status: int
+    duration_ms: float
+    partner: str | None = None
+    code: str | None = None  # the contract's error code, None for a success
+    reference: str | None = None
+    request_id: str | None = None
+
+
+# What the ring buffer keeps per request: time, method, path, status, duration, then the bound
+# fields partner, code, external_reference, request_id (as the log context holds them).
+_Kept = tuple[float, str, str, int, float, object, object, object, object]
+
+
+class RequestLog:
+    """The request log: the one place where a request's log fields become its log line.
+
+    It also keeps the last ``size`` requests of this process in memory (a ring buffer), so that
+    the operator console shows exactly what the log says, from the same fields. A plain tuple per
+    request (about 0.1 µs); the console's records are built only when the page asks.
+    """
+
+    def __init__(self, size: int = RECENT_REQUESTS, *, clock: Callable[[], float] = time.time):
+        self._recent: deque[_Kept] = deque(maxlen=size)
+        self._clock = clock
+
+    def write(self, *, method: str, path: str, status: int, duration_ms: float) -> None:
+        """Log the request's line (with the fields bound during the request) and keep it."""
+        fields = current_log_fields()
+        self._recent.append(
+            (
+                self._clock(), method, path, status, duration_ms, fields.get("partner"),
+                fields.get("code"), fields.get("external_reference"), fields.get("request_id"),
+            )
+        )  # fmt: skip
+        log_event(20, "request", method=method, path=path, status=status, duration_ms=duration_ms)
+
+    def recent(self) -> list[RequestRecord]:
+        """The kept requests, newest first."""
+        return [
+            RequestRecord(
+                at, method, path, status, duration_ms,
+                _text(partner), _text(code), _text(reference), _text(request_id),
+            )
+            for at, method, path, status, duration_ms, partner, code, reference, request_id
+            in reversed(self._recent)
+        ]  # fmt: skip
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+_MANAGER_TROUBLE: Final = frozenset({401, 403, 429})
+
+
+@dataclass(slots=True)
+class UpstreamHealth:
+    """When Manager last answered with success, and when (and how) it last failed: this process.
+
+    A failure is a call that got no answer (``error``, ``timeout``), or 401/403/429/5xx; Manager's
+    refusal of an order (400/404/409/422) is the order's problem, not Manager's, and counts as
+    neither.
+    """
+
+    last_success_at: float | None = None
+    last_failure_at: float | None = None
+    last_failure: str | None = None  # Manager's status, or "error" / "timeout"
+
+    def record(self, status: str, at: float) -> None:
+        code = int(status) if status.isdigit() else None
+        if code is not None and 200 <= code < 300:
+            self.last_success_at = at
+        elif code is None or code in _MANAGER_TROUBLE or code >= 500:
+            self.last_failure_at, self.last_failure = at, status
+
+
 DURATION_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 15)
 
 
@@ -230,6 +319,13 @@ class Metrics:
             "gateway_outbox_deliveries", "Delivery attempts of stored orders by result.",
             ["result"], registry=r,
         )  # fmt: skip
+        # Not a Prometheus metric: the console's "last success, last failure" of this process.
+        self.upstream = UpstreamHealth()
+
+    def count_upstream(self, status: str, at: float) -> None:
+        """One call to Manager's order-requests answered ``status`` (or ``error``/``timeout``)."""
+        self.upstream_requests.labels(status=status).inc()
+        self.upstream.record(status, at)
 
     def render(self) -> bytes:
         """The text exposition: this process's metrics, or all workers' when there are several."""

@@ -112,6 +112,14 @@ class TokenCache:
         # shield: one caller giving up (deadline, disconnect) must not cancel the others' fetch.
         return await asyncio.shield(future)
 
+    def expiry_of(self, org_id: str, key: str) -> float | None:
+        """When this process's cached token for (org, key) expires; None when none is cached.
+
+        For the operator console: the token itself never leaves the cache this way.
+        """
+        token = self._tokens.get((org_id, hashlib.sha256(key.encode("utf-8")).digest()))
+        return None if token is None else token.expires_at
+
     def rebind(self, fetch: TokenFetch) -> None:
         """Fetch through ``fetch`` from now on (a reloaded client for the same Manager)."""
         self._fetch = fetch

@@ -68,6 +68,8 @@ def print_guide(port: int, sandbox_port: int) -> None:
     print(f"curl -s http://127.0.0.1:{sandbox_port}/_sandbox/order-requests; echo")
     print("curl -s http://127.0.0.1:9091/metrics | grep ^gateway_\n")
     print_outage_guide(order_url, sandbox_port)
+    print("# the operator console in a browser (read-only: demo.toml sets no admin token)")
+    print("#   http://127.0.0.1:9091/\n")
     print("Ctrl-C stops both.\n")
 
 

@@ -29,11 +29,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDictProxy
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from gateway.app import Seams, create_app
+from gateway.app import Seams, create_admin_app, create_app, create_gateway
 from gateway.auth import hash_key
 from gateway.config import Config, parse_config
 from gateway.gateway import GATEWAY_KEY, Gateway
 from gateway.observability import LOGGER_NAME, setup_logging
+from gateway.outbox.sealing import new_key as new_outbox_key
 from gateway.sandbox import (
     DEMO_ORG_ID,
     DEMO_ORG_KEY,
@@ -187,8 +188,10 @@ def gateway_toml(
     *,
     server: Mapping[str, TomlValue] | None = None,
     manager: Mapping[str, TomlValue] | None = None,
+    extra: Mapping[str, Mapping[str, TomlValue]] | None = None,
 ) -> str:
-    """The test configuration's TOML for a Manager at ``base_url``; sections can be overridden."""
+    """The test configuration's TOML for a Manager at ``base_url``; sections can be overridden,
+    and ``extra`` tables (``{"outbox": {...}}``, ``{"shops.x": {...}}``) are appended."""
     server_table: dict[str, TomlValue] = {"host": "127.0.0.1", "port": 0, **(server or {})}
     manager_table: dict[str, TomlValue] = {
         "base_url": base_url,
@@ -202,11 +205,17 @@ def gateway_toml(
     for name, table in PARTNER_TABLES.items():
         parts.append(toml_table(f"partners.{name}", {**table, "key_sha256": hash_key(KEYS[name])}))
     parts.append((SAMPLES / "nested-partner.profile.toml").read_text(encoding="utf-8"))
+    parts += [toml_table(name, table) for name, table in (extra or {}).items()]
     return "\n".join(parts)
 
 
-def load_test_config(base_url: str, **sections: Mapping[str, TomlValue]) -> Config:
-    return parse_config(gateway_toml(base_url, **sections), environ=ENVIRON)
+def load_test_config(
+    base_url: str,
+    *,
+    environ: Mapping[str, str] | None = None,
+    **sections: Mapping[str, Any] | None,
+) -> Config:
+    return parse_config(gateway_toml(base_url, **sections), environ={**ENVIRON, **(environ or {})})
 
 
 def load_sample(name: str) -> dict[str, Any]:
@@ -348,11 +357,22 @@ def make_gateway(
         base_url: str | None = None,
         server: Mapping[str, TomlValue] | None = None,
         manager: Mapping[str, TomlValue] | None = None,
+        extra: Mapping[str, Mapping[str, TomlValue]] | None = None,
+        environ: Mapping[str, str] | None = None,
+        seams: Mapping[str, Any] | None = None,
     ) -> GatewayHarness:
+        """``extra`` tables and ``environ`` variables go into the configuration; ``seams``
+        overrides :class:`Seams` fields (``deliverer_poll_s``, ``outbox_max_pages``, …)."""
         config = load_test_config(
-            base_url or base_url_of(sandbox), server=server or {}, manager=manager or {}
+            base_url or base_url_of(sandbox),
+            server=server or {},
+            manager=manager or {},
+            extra=extra,
+            environ=environ,
         )
-        seams = Seams(clock=fake_time.clock, sleep=fake_time.sleep, rand=lambda: 0.5)
+        seams = Seams(
+            clock=fake_time.clock, sleep=fake_time.sleep, rand=lambda: 0.5, **(seams or {})
+        )
         client = await aiohttp_client(create_app(config, seams))
         return GatewayHarness(client, client.server.app[GATEWAY_KEY], config)
 
@@ -576,3 +596,82 @@ def fresh_redis(server: RedisServer) -> str:
 def redis_url(redis_server: RedisServer) -> str:
     """The module's Redis, running and emptied for this test."""
     return fresh_redis(redis_server)
+
+
+ADMIN_TOKEN = "operator-console-token-0123456789"
+OUTBOX_KEY = new_outbox_key()
+
+
+@dataclass
+class ConsoleHarness:
+    """The partner app and the admin app (with the console) over one gateway, outbox on."""
+
+    partner: Client
+    admin: Client
+    gateway: Gateway
+    config: Config
+
+    async def deliver(self) -> int:
+        """One round of the outbox's deliverer (the tests run it by hand)."""
+        assert self.gateway.outbox is not None
+        return await self.gateway.outbox.run_once(
+            self.gateway.runtime.targets, self.gateway.manager
+        )
+
+    async def log_in(self, token: str = ADMIN_TOKEN) -> None:
+        async with self.admin.post(
+            "/console/login", data={"token": token}, allow_redirects=False
+        ) as response:
+            assert response.status == 303
+
+
+MakeConsole = Callable[..., Awaitable[ConsoleHarness]]
+
+
+@pytest.fixture
+def make_console(
+    aiohttp_client: AiohttpClient, sandbox: TestServer, fake_time: FakeTime, tmp_path: Path
+) -> MakeConsole:
+    """A gateway with the outbox (SQLite in ``tmp_path``) in front of the sandbox, its partner
+    app and its admin app; ``token=False``: no operator token (read-only console)."""
+
+    async def make(
+        *,
+        token: bool = True,
+        outbox: bool = True,
+        max_age_hours: float = 1,
+        redis_url: str | None = None,
+    ) -> ConsoleHarness:
+        server: dict[str, TomlValue] = {"admin_port": 9091}
+        if token:
+            server["admin_token_env"] = "TEST_ADMIN_TOKEN"
+        text = gateway_toml(base_url_of(sandbox), server=server, manager={"retries": 0})
+        if redis_url is not None:  # the outbox (and all state) in Redis
+            text += toml_table("state", {"backend": "redis", "redis_url_env": "TEST_REDIS_URL"})
+        if outbox:
+            text += toml_table(
+                "outbox",
+                {
+                    "enabled": True,
+                    "path": str(tmp_path / "outbox.db"),
+                    "key_env": "TEST_OUTBOX_KEY",
+                    "max_age_hours": max_age_hours,
+                    "retry_min_s": 1,
+                },
+            )
+        environ = {
+            **ENVIRON,
+            "TEST_ADMIN_TOKEN": ADMIN_TOKEN,
+            "TEST_OUTBOX_KEY": OUTBOX_KEY,
+            "TEST_REDIS_URL": redis_url or "",
+        }
+        config = parse_config(text, environ=environ)
+        seams = Seams(
+            clock=fake_time.clock, sleep=fake_time.sleep, rand=lambda: 0.5, deliverer_poll_s=None
+        )
+        gateway = create_gateway(config, seams)
+        partner = await aiohttp_client(create_app(config, seams, gateway=gateway))
+        admin = await aiohttp_client(create_admin_app(gateway))
+        return ConsoleHarness(partner, admin, gateway, config)
+
+    return make

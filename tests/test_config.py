@@ -722,3 +722,43 @@ def test_resolved_proxy_written_inline_is_refused() -> None:
     message = config_error(MANAGER + 'proxy = "http://gw:hunter2@p:1"\n')
 
     assert "proxy_url_env" in message and "hunter2" not in message
+
+
+# --- the console's operator token ---------------------------------------------------------------
+
+ADMIN_TOKEN = "console-token-0123456789"
+
+
+def test_no_admin_token_by_default_means_a_read_only_console() -> None:
+    assert parse_config(MANAGER, environ=ENV).server.admin_token is None
+
+
+def test_admin_token_comes_from_the_named_env_var_or_file(tmp_path: Path) -> None:
+    text = MANAGER + '[server]\nadmin_token_env = "ADMIN"\n'
+    config = parse_config(text, environ={**ENV, "ADMIN": f" {ADMIN_TOKEN}\n"})
+    assert config.server.admin_token is not None
+    assert config.server.admin_token.get_secret_value() == ADMIN_TOKEN
+    assert ADMIN_TOKEN not in repr(config) and ADMIN_TOKEN not in config.model_dump_json()
+    secret = tmp_path / "admin"
+    secret.write_text(ADMIN_TOKEN + "\n", encoding="utf-8")
+    config = parse_config(MANAGER + f'[server]\nadmin_token_file = "{secret}"\n', environ=ENV)
+    assert config.server.admin_token is not None
+    assert config.server.admin_token.get_secret_value() == ADMIN_TOKEN
+
+
+@pytest.mark.parametrize(
+    ("server", "environ", "expected"),
+    [
+        ('admin_token_env = "ADMIN"', {}, "server.admin_token_env: environment variable ADMIN"),
+        ('admin_token_env = "ADMIN"', {"ADMIN": "short"}, "at least 16 characters"),
+        ('admin_token_file = "/nonexistent/admin"', {}, "server.admin_token_file: cannot read"),
+        ('admin_token_env = "A"\nadmin_token_file = "/f"', {}, "not both"),
+        (f'admin_token = "{ADMIN_TOKEN}"', {}, "secrets never live in the file"),
+    ],
+)
+def test_a_bad_admin_token_setting_names_the_key(
+    server: str, environ: dict[str, str], expected: str
+) -> None:
+    message = config_error(MANAGER + f"[server]\n{server}\n", {**ENV, **environ})
+    assert expected in message
+    assert ADMIN_TOKEN not in message

@@ -12,9 +12,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "gateway"
 PURE = [
     "models", "normalize", "retry", "auth", "errors", "idempotency", "codec", "tokens",
     "upstream_proxy",
+    "console.view", "console.access", "console.page",
 ]  # fmt: skip
 # The server side of aiohttp stays in the edge modules.
-SERVER_EDGE = {"app", "routes", "middleware", "intake", "server", "gateway", "sandbox"}
+SERVER_EDGE = {
+    "app", "routes", "middleware", "intake", "server", "gateway", "sandbox", "console.handlers",
+}  # fmt: skip
 
 
 def imports_of(module: str) -> set[str]:

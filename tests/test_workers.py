@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -411,6 +412,15 @@ async def test_serve_workers_2_shares_one_port_aggregates_metrics_and_stops_on_s
             async with session.get(supervisor.admin_url("/metrics")) as response:
                 assert response.status == 200
                 assert requests_total(await response.text()) >= 20
+
+            # The console says which worker answered (each keeps its own recent requests).
+            answered: set[int] = set()
+            for _ in range(4):
+                async with session.get(supervisor.admin_url("/")) as response:
+                    found = re.search(r"answered by worker pid (\d+)", await response.text())
+                    assert found, "the console does not name the worker"
+                    answered.add(int(found.group(1)))
+            assert answered and answered <= set(workers)
         # leaving the block sends SIGTERM to the supervisor and asserts its exit code 0
 
     for worker in workers:

@@ -20,7 +20,9 @@ class Sealer:
     def __init__(self, keys: Sequence[SecretStr]) -> None:
         if not keys:
             raise ValueError("the outbox needs at least one key")
-        self._fernet = MultiFernet([Fernet(key.get_secret_value()) for key in keys])
+        fernets = [Fernet(key.get_secret_value()) for key in keys]
+        self._first = fernets[0]
+        self._fernet = MultiFernet(fernets)
 
     def seal(self, data: bytes) -> bytes:
         return self._fernet.encrypt(data)
@@ -30,6 +32,14 @@ class Sealer:
             return self._fernet.decrypt(sealed)
         except InvalidToken:
             raise SealError("no configured outbox key opens this body") from None
+
+    def is_current(self, sealed: bytes) -> bool:
+        """Whether the first key, the one that seals now, opens ``sealed``."""
+        try:
+            self._first.decrypt(sealed)
+        except InvalidToken:
+            return False
+        return True
 
 
 def new_key() -> str:

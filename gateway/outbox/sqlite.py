@@ -17,6 +17,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -122,17 +123,22 @@ class SqliteOutbox:
                 raise OutboxFileError(f"there is no outbox at {self.path}")
             # Created private: only the gateway's user reads it (its bodies are sealed anyway).
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        elif self.path.stat().st_size:
+            # Checked read-only first: a file that is not ours, or not sealed with our keys, is
+            # left as it was (closing a read-write connection would checkpoint into it the WAL
+            # that a crash left behind).
+            uri = f"{self.path.resolve().as_uri()}?mode=ro"
+            with closing(sqlite3.connect(uri, uri=True)) as reader:
+                self._inspect(reader)
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
         try:
             connection.execute("PRAGMA busy_timeout = 5000")
-            application_id = connection.execute("PRAGMA application_id").fetchone()[0]
-            tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            if application_id == 0 and tables == 0:
+            if self._inspect(connection):
                 self._create(connection)
-            elif application_id != APPLICATION_ID:
-                raise OutboxFileError("the file is not a telemed-gateway outbox")
-            self._check(connection)
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute("PRAGMA synchronous = FULL")
             if self._owner:
+                self._follow_rotation(connection)
                 self._recover(connection)
             if self._max_pages is not None:
                 connection.execute(f"PRAGMA max_page_count = {int(self._max_pages)}")
@@ -140,6 +146,30 @@ class SqliteOutbox:
             connection.close()
             raise
         return connection
+
+    def _inspect(self, connection: sqlite3.Connection) -> bool:
+        """Whether the file is new (empty); reads only.
+
+        Raises:
+            OutboxFileError: not this gateway's outbox, or sealed with none of its keys.
+        """
+        application_id = connection.execute("PRAGMA application_id").fetchone()[0]
+        tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if application_id == 0 and tables == 0:
+            return True
+        if application_id != APPLICATION_ID:
+            raise OutboxFileError("the file is not a telemed-gateway outbox")
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        if version != SCHEMA_VERSION:
+            raise OutboxFileError(f"the outbox file has schema {version}, not {SCHEMA_VERSION}")
+        try:
+            if self._sealer.open(_read_canary(connection)) != CANARY:
+                raise SealError("no canary")
+        except SealError:
+            raise OutboxFileError(
+                "the outbox was sealed with another key: put the old key back in outbox keys"
+            ) from None
+        return False
 
     def _create(self, connection: sqlite3.Connection) -> None:
         connection.execute("PRAGMA journal_mode = WAL")
@@ -151,24 +181,13 @@ class SqliteOutbox:
         connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         connection.execute("COMMIT")
 
-    def _check(self, connection: sqlite3.Connection) -> None:
-        version = connection.execute("PRAGMA user_version").fetchone()[0]
-        if version != SCHEMA_VERSION:
-            raise OutboxFileError(f"the outbox file has schema {version}, not {SCHEMA_VERSION}")
-        connection.execute("PRAGMA journal_mode = WAL")
-        connection.execute("PRAGMA synchronous = FULL")
-        row = connection.execute("SELECT value FROM meta WHERE name = 'canary'").fetchone()
-        try:
-            if row is None or self._sealer.open(row[0]) != CANARY:
-                raise SealError("no canary")
-        except SealError:
-            raise OutboxFileError(
-                "the outbox was sealed with another key: put the old key back in outbox keys"
-            ) from None
-        if self._owner:
-            # Sealed again with the first key: after a rotation the old key can then be removed.
-            canary = self._sealer.seal(CANARY)
-            connection.execute("UPDATE meta SET value = ? WHERE name = 'canary'", (canary,))
+    def _follow_rotation(self, connection: sqlite3.Connection) -> None:
+        if not self._sealer.is_current(_read_canary(connection)):
+            # The keys were rotated: the canary follows the key that seals now, or the old key
+            # could never be removed, even once no order sealed with it is left.
+            connection.execute(
+                "UPDATE meta SET value = ? WHERE name = 'canary'", (self._sealer.seal(CANARY),)
+            )
 
     def _recover(self, connection: sqlite3.Connection) -> None:
         # Orders left leased by a crash of this (the only serving) process are due again now.
@@ -380,6 +399,11 @@ class SqliteOutbox:
             return orders
 
         return await self._run(write)
+
+
+def _read_canary(connection: sqlite3.Connection) -> bytes:
+    row = connection.execute("SELECT value FROM meta WHERE name = 'canary'").fetchone()
+    return b"" if row is None else bytes(row[0])
 
 
 def _applies(current: OrderStatus, new: OrderStatus) -> bool:
