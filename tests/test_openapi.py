@@ -5,7 +5,8 @@ and stopped by PID. Schemathesis (its CLI, as a user would run it) reads the doc
 serves, with its ``servers`` replaced by the gateway's loopback URL so that nothing is looked up
 elsewhere, and tests every operation in it with all of its checks, a bounded number of examples
 and a fixed seed. Operations added to the document later are tested too; a configuration they
-need goes into ``EXTRA_CONFIG`` (the outbox is on, for the order status endpoint).
+need goes into ``EXTRA_CONFIG`` (the outbox is on, for the order status endpoint). And every
+route the partner port serves must be in the document: a new endpoint cannot go unpublished.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from typing import Final
 
 import aiohttp
 import pytest
-from conftest import KEYS, REPO_ROOT, gateway_toml
+from conftest import KEYS, REPO_ROOT, gateway_toml, load_test_config
 from cryptography.fernet import Fernet
 from test_cli import child_env, free_port, status_of, wait_for
 
-from gateway.routes import OPENAPI_PATH
+from gateway.app import create_app
+from gateway.routes import OPENAPI_PATH, load_openapi_document
 
 SCHEMATHESIS: Final = Path(sys.executable).with_name("schemathesis")
 # The partner whose prescription URLs are forwarded, not fetched: generated URLs must not make
@@ -142,3 +144,18 @@ async def test_schemathesis_finds_no_failure_in_the_published_api(tmp_path: Path
         assert code == 0, report[-20000:]
         assert "No issues found" in report or "passed" in report, report[-5000:]
         assert serving.returncode is None, log.read_text()
+
+
+def test_every_partner_route_is_in_the_published_document() -> None:
+    app = create_app(load_test_config("http://127.0.0.1:9"))
+    document = json.loads(load_openapi_document())
+    served = {
+        (route.method.lower(), route.resource.canonical.rstrip("/"))
+        for route in app.router.routes()
+        if route.method != "HEAD" and route.resource is not None
+    }
+    documented = {
+        (method, path) for path, operations in document["paths"].items() for method in operations
+    }
+
+    assert served <= documented
