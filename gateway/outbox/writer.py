@@ -77,8 +77,11 @@ class SqliteWriter(threading.Thread):
         except sqlite3.Error as exc:
             # The commit failed, or SQLite itself rolled the transaction back (a full disk, an
             # I/O error): nothing of this batch is durable, so every operation in it failed.
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
+            try:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # the next batch's BEGIN fails too and says why; no caller is left waiting
             error = exc.__cause__ if isinstance(exc, _TransactionLost) else exc
             results = [(False, error)] * len(batch)
         for (_, loop, future), (ok, value) in zip(batch, results, strict=True):
