@@ -30,6 +30,7 @@ from gateway.state.memory import MemoryStore
 
 KEEPALIVE_S = 30.0
 UNLIMITED_BODY = 1 << 40
+MAX_LINGERING_S = 10.0  # aiohttp's default
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ def create_app(
     app = web.Application(
         middlewares=[create_middleware(gateway.metrics, gateway.request_log)],
         client_max_size=UNLIMITED_BODY,
+        handler_args=connection_settings(config),
     )
     app[GATEWAY_KEY] = gateway
     add_order_routes(app)
@@ -118,11 +120,34 @@ def create_app(
     return app
 
 
+def connection_settings(config: Config) -> dict[str, object]:
+    """How aiohttp serves each connection of both ports.
+
+    ``keepalive_timeout``: aiohttp closes a connection whose next request's headers are not
+    complete this long after it opened or its previous answer was sent; that is the headers'
+    deadline (the body's is kept by intake.py). ``lingering_time``: after an answer given before
+    the body was all read (a 408, a 413, a 401), aiohttp reads and drops the rest for this long
+    so that the client sees the answer, then closes; a trickling client gets no more than the
+    deadline again. ``auto_decompress`` off: intake.py decodes Content-Encoding itself, counting
+    decoded bytes against the limit, so that a broken encoding is the contract's 400 rather than
+    aiohttp's plain-text one.
+    """
+    read_timeout_s = config.server.read_timeout_s
+    return {
+        "keepalive_timeout": read_timeout_s,
+        "lingering_time": min(MAX_LINGERING_S, read_timeout_s),
+        "auto_decompress": False,
+    }
+
+
 def create_admin_app(gateway: Gateway) -> web.Application:
     """``/healthz``, ``/readyz``, ``/metrics`` for operators and probes, on their own port, and
     the operator console (``/``). The console is never served on the partner port, not even with
     ``admin_port = 0``: that port faces the partners (and the internet)."""
-    app = web.Application(middlewares=[create_middleware(None, None)])
+    app = web.Application(
+        middlewares=[create_middleware(None, None)],
+        handler_args=connection_settings(gateway.runtime.config),
+    )
     app[GATEWAY_KEY] = gateway
     add_admin_routes(app)
     add_console_routes(app)

@@ -37,7 +37,6 @@ from gateway.observability import Metrics, log_event
 from gateway.outbox import CallbackMessage, LedgerEntry, OrderStatus, OutboxStore
 from gateway.outbox.polling import run_polling
 from gateway.retry import outbox_delay
-from gateway.webhooks import new_message_id
 
 USER_AGENT: Final = "telemed-gateway-callbacks/1"
 BATCH: Final = 16
@@ -103,6 +102,13 @@ def build_settled_message(
         status=entry.status.value, order_request_id=entry.order_request_id,
         manager_status=entry.manager_status, event=None, created_at=now, expires_at=expires_at,
     )  # fmt: skip
+
+
+def settled_message_id(entry: LedgerEntry) -> str:
+    """The ``webhook-id`` of a settled order's callback: the same for the same order and news,
+    so that storing it twice (the order was sent again after a crash) stores it once."""
+    seed = f"{entry.partner}\x00{entry.reference}\x00{entry.created_at!r}\x00{entry.status}"
+    return f"msg_{hashlib.sha256(seed.encode()).hexdigest()[:32]}"
 
 
 class CallbackFailedError(Exception):
@@ -176,7 +182,9 @@ class Callbacks:
         if entry.partner not in targets:
             return
         now = self.clock()
-        message = build_settled_message(entry, new_message_id(), now, now + self.outbox.max_age_s)
+        message = build_settled_message(
+            entry, settled_message_id(entry), now, now + self.outbox.max_age_s
+        )
         if message is None:
             return
         try:

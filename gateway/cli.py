@@ -6,11 +6,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import json
 import secrets
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -23,6 +24,7 @@ from gateway.observability import setup_logging
 from gateway.orders import prepare_order
 from gateway.outbox import LedgerEntry, OrderStatus
 from gateway.runtime import Runtime, build_runtime
+from gateway.signals import SignalLatch
 from gateway.upstream_proxy import describe_proxy
 
 EXIT_OK: Final = 0
@@ -92,10 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, latch: SignalLatch | None = None) -> int:
+    """Run one command; ``latch`` holds the signals that ``serve`` received while starting."""
     args = build_parser().parse_args(argv)
-    handler = {
-        "serve": _serve,
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "serve": functools.partial(_serve, latch=latch),
         "map": _map,
         "check-config": _check_config,
         "new-key": _new_key,
@@ -103,8 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sandbox": _sandbox,
         "new-secret": _new_secret,
         "outbox": _outbox,
-    }[args.command]
-    return handler(args)
+    }
+    return handlers[args.command](args)
 
 
 def _load(path: str | None) -> tuple[Config, Runtime] | None:
@@ -116,7 +119,7 @@ def _load(path: str | None) -> tuple[Config, Runtime] | None:
         return None
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace, latch: SignalLatch | None) -> int:
     from gateway.server import Listen, serve
 
     loaded = _load(args.config)
@@ -136,7 +139,7 @@ def _serve(args: argparse.Namespace) -> int:
             return EXIT_CONFIG
         from gateway.workers import run_workers
 
-        return run_workers(args.workers, args.config, args.host, args.port)
+        return run_workers(args.workers, args.config, args.host, args.port, latch=latch)
     setup_logging(config.logging.level, config.logging.format)
     server = config.server
     listen = Listen(
@@ -147,7 +150,7 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_dir=args.metrics_dir,
     )
     try:
-        _run(serve(config, resolve_config_path(args.config), listen))
+        _run(serve(config, resolve_config_path(args.config), listen, latch=latch))
     except OSError as exc:  # the port is taken, or the address is not this host's
         print(f"gateway: cannot listen on {listen.host}: {exc.strerror}", file=sys.stderr)
         return EXIT_FAILED

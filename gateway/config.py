@@ -61,6 +61,11 @@ class ServerConfig(_Section):
     drain_s: float = Field(default=0, ge=0, le=300)
     # How long requests in flight may take to finish after the listener is closed.
     shutdown_timeout_s: float = Field(default=30, gt=0, le=600)
+    # How long a client may take to send a request's headers (from when the connection opens or
+    # its previous answer was sent) and, separately, its body: a stuck or trickling client cannot
+    # hold a connection longer. Also how long an idle keep-alive connection is kept.
+    read_timeout_s: float = Field(default=30, gt=0, le=3600)
+
     # The operator console's token (contract section 12): without one the console is read-only.
     admin_token_env: str | None = None
     admin_token_file: str | None = None

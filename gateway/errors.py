@@ -5,7 +5,7 @@ error. The tree branches by who has to act::
 
     GatewayError (500 internal_error)
     ├── PartnerError            4xx: the partner can fix the request
-    │   ├── InvalidJsonError, UnauthorizedError, WrongHostError, ShopMismatchError, ...
+    │   ├── InvalidJsonError, UnauthorizedError, WrongHostError, RequestTimeoutError, ...
     │   ├── InvalidSignatureError              a Manager webhook that does not verify
     │   ├── ForbiddenError                     a console action without the operator's session
     │   ├── ValidationFailedError              (details: one entry per problem)
@@ -35,6 +35,8 @@ class GatewayError(Exception):
     default_message: ClassVar[str] = (
         "An internal error occurred; it was logged with the request id."
     )
+    # True where the rest of the request cannot be trusted to follow (a body cut off mid-way).
+    closes_connection: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -111,7 +113,18 @@ class NotFoundError(PartnerError):
 class MethodNotAllowedError(PartnerError):
     status = 405
     code = "method_not_allowed"
-    default_message = "Only POST is allowed on this path."
+    default_message = (
+        "This method is not allowed on this path; the Allow header names those that are."
+    )
+
+
+class RequestTimeoutError(PartnerError):
+    """The body did not arrive within ``server.read_timeout_s``; the connection is closed after."""
+
+    status = 408
+    code = "request_timeout"
+    default_message = "The request body did not arrive in time."
+    closes_connection = True
 
 
 class IdempotencyConflictError(PartnerError):

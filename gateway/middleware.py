@@ -54,7 +54,10 @@ def error_response(error: GatewayError, request_id: str) -> web.Response:
     }
     if error.details:
         body["details"] = error.details
-    return web.json_response(body, status=error.http_status, headers=error.headers)
+    response = web.json_response(body, status=error.http_status, headers=error.headers)
+    if error.closes_connection:
+        response.force_close()
+    return response
 
 
 _KEPT_HEADERS: Final = ("Allow",)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Final
 
@@ -65,6 +66,10 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
+    if when.tzinfo is None:
+        # An HTTP date is GMT by definition (RFC 9110), whether or not it says so ("-0000" and a
+        # missing zone both come back naive); never the local time of the host that reads it.
+        when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - now)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from typing import Final
 
 from aiohttp import web
@@ -26,6 +27,7 @@ from gateway.webhooks import DELIVERY_HEADER, MAX_BODY_BYTES, SIGNATURE_HEADER, 
 from gateway.webhooks import PATH as WEBHOOK_PATH
 
 ORDER_PATH: Final = "/api/v1/external-order"
+OPENAPI_PATH: Final = "/api/v1/openapi.json"
 KEY_HEADERS: Final = ("apikey", "X-API-Key")
 REPLAYED_HEADER: Final = "Idempotent-Replayed"
 
@@ -52,7 +54,8 @@ async def external_order(request: web.Request) -> web.Response:
         wait_s = await gateway.state.take(f"rate:{caller.name}", route.rate_per_min)
         if wait_s > 0:
             raise RateLimitedError(to_retry_after_header(wait_s))
-    intake = await read_intake(request, runtime.config.server.max_body_bytes)
+    server = runtime.config.server
+    intake = await read_intake(request, server.max_body_bytes, server.read_timeout_s)
     order = prepare_order(
         intake.body,
         route,
@@ -110,7 +113,7 @@ async def pharmaone_webhook(request: web.Request) -> web.Response:
     config = runtime.config
     if outbox is None or callbacks is None or not config.webhooks.enabled:
         raise NotFoundError("Manager's webhooks are not enabled on this gateway.")
-    body = await read_body(request, MAX_BODY_BYTES)
+    body = await read_body(request, MAX_BODY_BYTES, config.server.read_timeout_s)
     received = gateway.metrics.webhooks_received
     try:
         result = await accept_webhook(
@@ -157,7 +160,19 @@ async def metrics(request: web.Request) -> web.Response:
     return response
 
 
+def load_openapi_document() -> bytes:
+    """The published OpenAPI document, packaged inside ``gateway`` (so in every install)."""
+    return resources.files("gateway").joinpath("openapi.json").read_bytes()
+
+
 def add_order_routes(app: web.Application) -> None:
+    document = load_openapi_document()
+
+    async def openapi(request: web.Request) -> web.Response:
+        """``GET /api/v1/openapi.json``: the partner API's description; no key needed."""
+        return web.Response(body=document, content_type="application/json")
+
+    app.router.add_get(OPENAPI_PATH, openapi)
     app.router.add_post(ORDER_PATH, external_order)
     app.router.add_post(ORDER_PATH + "/", external_order)
     app.router.add_get(ORDER_PATH + "/{external_reference}", order_status)

@@ -17,6 +17,7 @@ from gateway.errors import ConfigError
 from gateway.gateway import Gateway
 from gateway.observability import Metrics, log_event, setup_logging
 from gateway.runtime import build_runtime
+from gateway.signals import SignalLatch
 
 GC_GEN0_THRESHOLD: Final = 20_000
 
@@ -48,7 +49,9 @@ def reload_config(gateway: Gateway, path: Path) -> bool:
     if _listening(config) != _listening(old) or (
         config.idempotency.max_entries != old.idempotency.max_entries
     ):
-        log_event(30, "config_change_needs_restart", reason="server ports or max_entries")
+        log_event(
+            30, "config_change_needs_restart", reason="server ports, read_timeout_s or max_entries"
+        )
     if config.logging != old.logging:
         setup_logging(config.logging.level, config.logging.format)
     if config.manager != old.manager and gateway.manager_client is not None:
@@ -63,12 +66,20 @@ def reload_config(gateway: Gateway, path: Path) -> bool:
     return True
 
 
-def _listening(config: Config) -> tuple[str, int, int]:
-    return config.server.host, config.server.port, config.server.admin_port
+def _listening(config: Config) -> tuple[str, int, int, float]:
+    # read_timeout_s: the headers' deadline is set on the listening apps (app.connection_settings)
+    # when they start; the body's deadline follows a reload.
+    server = config.server
+    return server.host, server.port, server.admin_port, server.read_timeout_s
 
 
-async def serve(config: Config, path: Path, listen: Listen) -> None:
-    """Serve until SIGTERM or SIGINT, then drain: /readyz 503, finish requests in flight, stop."""
+async def serve(
+    config: Config, path: Path, listen: Listen, *, latch: SignalLatch | None = None
+) -> None:
+    """Serve until SIGTERM or SIGINT, then drain: /readyz 503, finish requests in flight, stop.
+
+    ``latch``: signals that arrived while starting, honoured as soon as this runs.
+    """
     gateway = create_gateway(config, Seams(metrics=Metrics(multiprocess_dir=listen.metrics_dir)))
     runner = web.AppRunner(
         create_app(config, gateway=gateway),
@@ -105,6 +116,11 @@ async def serve(config: Config, path: Path, listen: Listen) -> None:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_config, gateway, path)
+    for signum in latch.take() if latch is not None else ():
+        if signum == signal.SIGHUP:
+            reload_config(gateway, path)
+        else:
+            stop.set()
     try:
         await stop.wait()
         gateway.draining = True

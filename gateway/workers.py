@@ -20,7 +20,12 @@ from typing import Final
 
 from prometheus_client import multiprocess
 
+from gateway.signals import SignalLatch
+
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+# A worker that drained exits 0. One ended by the relayed SIGTERM itself got it before its first
+# line of Python could latch it (signals.py): it never served, so nothing was cut short.
+CLEAN_EXITS: Final = frozenset({0, -signal.SIGTERM})
 
 
 def build_worker_command(
@@ -71,7 +76,7 @@ class Supervisor:
                 # A worker died on its own: stop the rest rather than run short-handed.
                 self.failed = True
                 self.relay(signal.SIGTERM)
-            elif os.waitstatus_to_exitcode(status) != 0:
+            elif os.waitstatus_to_exitcode(status) not in CLEAN_EXITS:
                 self.failed = True
         return 1 if self.failed else 0
 
@@ -83,11 +88,20 @@ class Supervisor:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def run_workers(count: int, config: str | None, host: str | None, port: int | None) -> int:
+def run_workers(
+    count: int,
+    config: str | None,
+    host: str | None,
+    port: int | None,
+    *,
+    latch: SignalLatch | None = None,
+) -> int:
     """``serve --workers N``: start, relay signals, exit with the workers."""
     supervisor = Supervisor(count, config, host, port)
     signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     previous = {sig: signal.signal(sig, supervisor.relay) for sig in signals}
+    for signum in latch.take() if latch is not None else ():
+        supervisor.relay(signum)  # what arrived while this process started
     try:
         return supervisor.wait()
     finally:

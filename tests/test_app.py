@@ -894,3 +894,13 @@ async def test_admin_app_answers_unknown_paths_with_json(
         reply = await read_reply(response)
 
     assert_error(reply, 404, "not_found")
+
+
+async def test_openapi_document_is_served_without_a_key(gateway_client: Client) -> None:
+    async with gateway_client.get("/api/v1/openapi.json") as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("application/json")
+        document = await response.json()
+
+    assert document["openapi"].startswith("3.1")
+    assert "/api/v1/external-order" in document["paths"]

@@ -432,3 +432,44 @@ async def test_serve_drains_on_sigterm_and_finishes_requests_in_flight(tmp_path:
         finally:
             for process in processes:
                 await stop(process)
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (its SigCgt mask in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signum - 1)))
+    return False
+
+
+@pytest.mark.parametrize(
+    "command",
+    [[sys.executable, "-m", "gateway"], [str(Path(sys.executable).with_name("gateway"))]],
+    ids=["python -m gateway", "gateway"],
+)
+async def test_sigterm_while_serve_starts_is_honoured_once_it_serves_and_exits_0(
+    tmp_path: Path, command: list[str]
+) -> None:
+    port, admin_port = free_port(), free_port()
+    path = write_config(tmp_path, server={"port": port, "admin_port": admin_port})
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            *command, "serve", "--config", str(path),
+            cwd=REPO_ROOT, env=child_env(), stdout=log, stderr=log,
+        )  # fmt: skip
+    try:
+
+        async def latched() -> bool:
+            return catches(process.pid, signal.SIGTERM)
+
+        await wait_for(latched, "the start-up latch", within_s=5.0)
+        # Still importing and starting: the server's own handlers are not there yet.
+        assert b'"listening"' not in log_path.read_bytes()
+        process.send_signal(signal.SIGTERM)
+
+        assert await asyncio.wait_for(process.wait(), timeout=20) == 0, log_path.read_text()
+        events = [json.loads(line)["event"] for line in log_path.read_text().splitlines()]
+        assert events.index("listening") < events.index("draining") < events.index("stopped")
+    finally:
+        await stop(process)

@@ -9,7 +9,10 @@ from pathlib import Path
 from gateway import errors
 
 ROOT = Path(__file__).resolve().parent.parent
-OPENAPI = json.loads((ROOT / "docs" / "openapi.json").read_text(encoding="utf-8"))
+# The canonical document is packaged with the code (the image copies only gateway/); docs/ keeps
+# a copy where readers of the repository look for it.
+OPENAPI_FILE = ROOT / "gateway" / "openapi.json"
+OPENAPI = json.loads(OPENAPI_FILE.read_text(encoding="utf-8"))
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 # Base classes whose code no answer carries as such.
 ABSTRACT = {errors.PartnerError, errors.UpstreamError, errors.ConfigError}
@@ -29,6 +32,19 @@ def answer_codes() -> set[str]:
 def test_openapi_lists_every_error_code_the_gateway_can_answer() -> None:
     enum = OPENAPI["components"]["schemas"]["Error"]["properties"]["error"]["enum"]
     assert set(enum) == answer_codes()
+
+
+def test_docs_openapi_is_the_packaged_document() -> None:
+    copy = ROOT / "docs" / "openapi.json"
+    assert copy.read_bytes() == OPENAPI_FILE.read_bytes(), (
+        "edit gateway/openapi.json, then: cp gateway/openapi.json docs/openapi.json"
+    )
+
+
+def test_the_packaged_document_is_in_every_install() -> None:
+    # The image installs a wheel built from gateway/ alone: the document must be package data.
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert "openapi.json" in pyproject["tool"]["setuptools"]["package-data"]["gateway"]
 
 
 def test_readme_error_table_names_every_error_code() -> None:

@@ -17,6 +17,7 @@ import pytest
 from conftest import FakeTime, StartFakeManager
 from pydantic import SecretStr
 
+from gateway.callbacks import settled_message_id
 from gateway.config import ManagerConfig, OutboxConfig
 from gateway.errors import UpstreamRejectedError
 from gateway.ledger import build_status, to_iso
@@ -282,3 +283,39 @@ def test_status_document_has_the_contracts_fields_and_utc_times() -> None:
         "events": [],
     }
     assert to_iso(1_764_669_600) == "2025-12-02T10:00:00Z"
+
+
+async def test_the_partners_news_is_stored_before_the_order_is_settled(
+    rig: tuple[Rig, list[int]], fake_time: FakeTime
+) -> None:
+    # A crash between the two writes then leaves the order queued (it is sent again), never a
+    # settled order whose callback was lost.
+    r, _ = rig
+    seen: list[OrderStatus | None] = []
+
+    async def look(entry: LedgerEntry) -> None:
+        stored = await r.store.get(entry.partner, entry.reference)
+        seen.append(stored.status if stored else None)
+        r.settled.append(entry)
+
+    r.outbox.on_settled = look
+    await store_order(r, fake_time.now)
+    await r.outbox.run_once({"acme": TARGET}, r.manager)
+    assert seen == [OrderStatus.QUEUED]
+    announced = r.settled[-1]
+    assert (announced.status, announced.order_request_id, announced.attempts) == (
+        OrderStatus.DELIVERED,
+        "fake-1",
+        1,
+    )
+
+
+def test_a_settled_orders_callback_id_is_the_same_each_time_it_is_made() -> None:
+    entry = LedgerEntry("acme", "R-1", "org", OrderStatus.DELIVERED, 1, 100.0, 120.0)
+    again = LedgerEntry("acme", "R-1", "org", OrderStatus.DELIVERED, 2, 100.0, 150.0)
+    assert settled_message_id(entry) == settled_message_id(again)
+    assert settled_message_id(entry).startswith("msg_")
+    other_news = LedgerEntry("acme", "R-1", "org", OrderStatus.FAILED, 1, 100.0, 120.0)
+    later_order = LedgerEntry("acme", "R-1", "org", OrderStatus.DELIVERED, 1, 200.0, 220.0)
+    assert settled_message_id(other_news) != settled_message_id(entry)
+    assert settled_message_id(later_order) != settled_message_id(entry)

@@ -553,3 +553,15 @@ async def test_reload_applies_a_new_log_level(
     assert reload_config(gateway, config_path) is True
 
     assert logging.getLogger(LOGGER_NAME).level == logging.WARNING
+
+
+async def test_reload_applies_the_body_deadline_and_says_the_headers_one_needs_a_restart(
+    gateway: Gateway, config_path: Path, base_url: str, log_stream: io.StringIO
+) -> None:
+    write(config_path, config_text(base_url, server="admin_port = 0\nread_timeout_s = 7"))
+
+    assert reload_config(gateway, config_path) is True
+
+    assert gateway.runtime.config.server.read_timeout_s == 7
+    events = [e for e in log_events(log_stream) if e["event"] == "config_change_needs_restart"]
+    assert [e["reason"] for e in events] == ["server ports, read_timeout_s or max_entries"]

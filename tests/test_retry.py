@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
@@ -115,6 +117,30 @@ def test_parse_retry_after_date_is_relative_to_the_given_now() -> None:
 
     assert parse_retry_after(value, NOW) == pytest.approx(60.0)
     assert parse_retry_after(value, NOW + 45) == pytest.approx(15.0)
+
+
+@pytest.fixture
+def berlin_local_time(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The host's local time zone is not UTC (restored afterwards)."""
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    assert time.localtime(NOW).tm_gmtoff == 3600
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.usefixtures("berlin_local_time")
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Fri, 20 Nov 2026 09:01:00",
+        "Fri, 20 Nov 2026 09:01:00 -0000",
+        "Fri, 20 Nov 2026 09:01:00 GMT",
+    ],
+)
+def test_retry_after_date_without_a_zone_is_gmt_not_local_time(value: str) -> None:
+    assert parse_retry_after(value, NOW) == pytest.approx(60.0)
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,7 @@ from conftest import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpServer
+from test_cli import catches
 
 from gateway.auth import hash_key
 from gateway.sandbox import SANDBOX_KEY, SandboxState, create_sandbox_app
@@ -475,3 +476,34 @@ def test_serve_workers_2_with_memory_state_exits_2_naming_redis(tmp_path: Path) 
     assert done.returncode == 2
     assert "redis" in done.stderr
     assert done.stdout == ""
+
+
+@pytest.mark.timeout(60)
+async def test_sigterm_while_workers_start_drains_them_and_the_supervisor_exits_0(
+    tmp_path: Path, sandbox: tuple[str, SandboxState], redis_url: str
+) -> None:
+    sandbox_url, _ = sandbox
+    port, admin_port = free_port(), free_port()
+    config = write_config(tmp_path / "gateway.toml", sandbox_url, port=port, admin_port=admin_port)
+    log = tmp_path / "gateway.log"
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "serve", "--config", str(config), "--workers", "2",
+            cwd=REPO_ROOT, env=child_env(redis_url), stdout=out, stderr=out,
+        )  # fmt: skip
+    try:
+
+        async def workers_latched() -> bool:
+            workers = child_pids(process.pid)
+            return len(workers) == 2 and all(catches(pid, signal.SIGTERM) for pid in workers)
+
+        await wait_for(workers_latched, "both workers latching signals", START_S)
+        assert "listening" not in log_events(log)  # still starting
+        process.send_signal(signal.SIGTERM)
+
+        assert await asyncio.wait_for(process.wait(), timeout=STOP_S * 2) == 0, log.read_text()
+        assert log_events(log).count("stopped") == 2  # each served, then drained
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()

@@ -109,8 +109,8 @@ class Outbox:
         self._wake = asyncio.Event()
         self._stopping = False
         self._last_purge = 0.0
-        # Told of every order the deliverer settles (not the inline ones: the partner has its
-        # answer): partner callbacks hook in here.
+        # Told of every order the deliverer settles for good (not the inline ones: the partner
+        # has its answer), before the settle is written: partner callbacks hook in here.
         self.on_settled: SettledHook | None = None
 
     # --- the inline attempt ------------------------------------------------------------------
@@ -282,11 +282,13 @@ class Outbox:
     async def _settle(
         self, order: DueOrder, settlement: Settlement, *, result: str | None = None
     ) -> LedgerEntry | None:
+        if self.on_settled is not None and settlement.status in ANNOUNCED:
+            # The partner's callback is stored first: a crash before the settle below leaves
+            # the order queued, it is sent again, and the callback (same id) is stored once.
+            await self.on_settled(_announced_entry(order, settlement))
         entry = await self.store.settle(order.partner, order.reference, settlement)
         if result is not None:
             self._metrics.outbox_deliveries.labels(result=result).inc()
-        if entry is not None and self.on_settled is not None and result != "retried":
-            await self.on_settled(entry)
         return entry
 
     # --- metrics -----------------------------------------------------------------------------
@@ -302,6 +304,29 @@ class Outbox:
 
 class _Undeliverable(Exception):
     pass
+
+
+# What the background deliverer tells a partner: orders it settled for good.
+ANNOUNCED: Final = frozenset({OrderStatus.DELIVERED, OrderStatus.REJECTED, OrderStatus.FAILED})
+
+
+def _announced_entry(order: DueOrder, settlement: Settlement) -> LedgerEntry:
+    """The ledger entry as ``settlement`` leaves it, for the partner's callback.
+
+    A due order was never delivered, so Manager's id and status are the settlement's own.
+    """
+    return LedgerEntry(
+        partner=order.partner,
+        reference=order.reference,
+        org_id=order.org_id,
+        status=settlement.status,
+        attempts=order.attempts + int(settlement.attempted),
+        created_at=order.created_at,
+        updated_at=settlement.now,
+        order_request_id=settlement.order_request_id,
+        manager_status=settlement.manager_status,
+        last_error=settlement.last_error,
+    )
 
 
 def _delivered(now: float, reply: UpstreamReply) -> Settlement:
