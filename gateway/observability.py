@@ -238,8 +238,8 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def write_fields(self, level: int, event: str, fields: Mapping[str, object]) -> bool:
         """Write a line without a ``LogRecord``; False when this handler cannot (no file
-        descriptor, filters, another formatter, a failed write): the caller goes through
-        ``logging``, which reports a failure as it always does."""
+        descriptor, filters, another formatter): the caller goes through ``logging`` then. A
+        failed write is reported as ``logging`` reports it, and not tried again."""
         formatter = self.formatter
         if self._fd is None or self.filters or type(formatter) not in _OWN_FORMATTERS:
             return False
@@ -252,8 +252,8 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self.acquire()
         try:
             self._write_bytes(data)
-        except Exception:
-            return False
+        except Exception:  # a log write must never fail a request
+            self.handleError(log.makeRecord(log.name, level, "", 0, event, (), None))
         finally:
             self.release()
         return True

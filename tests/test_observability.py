@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import logging
+import os
 import random
 import re
 from collections.abc import Callable, Iterator
@@ -505,3 +506,16 @@ def test_bound_children_count_like_labels() -> None:
     assert values[("gateway_upstream_requests_total", (("status", "201"),))] == 1
     assert values[("gateway_upstream_requests_total", (("status", "503"),))] == 1
     assert metrics.upstream.last_failure == "503"
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_failed_direct_write_is_reported_like_logging_does_and_fails_nothing(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write now fails (EPIPE)
+    with os.fdopen(write_end, "w") as stream:
+        setup_logging("info", "json", stream=stream)
+        RequestLog().write(method="POST", path="/x", status=200, duration_ms=0.5)
+
+    assert "Logging error" in capsys.readouterr().err
