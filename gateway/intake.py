@@ -81,10 +81,15 @@ async def read_intake(request: web.Request, max_bytes: int, timeout_s: float) ->
     if request.content_length is not None and request.content_length > max_bytes:
         raise _too_large(max_bytes)
     try:
-        async with asyncio.timeout(timeout_s):
-            if content_type == MULTIPART_TYPE:
-                return await _read_multipart(request, max_bytes)
+        if content_type != MULTIPART_TYPE and request.content.is_eof():
+            # The whole body is here already (a small one arrives with the headers): reading it
+            # cannot wait, so it needs no deadline, and no timer is set on every order.
             raw = await _read_limited(request, max_bytes, ENCODINGS[encoding])
+        else:
+            async with asyncio.timeout(timeout_s):
+                if content_type == MULTIPART_TYPE:
+                    return await _read_multipart(request, max_bytes)
+                raw = await _read_limited(request, max_bytes, ENCODINGS[encoding])
     except TimeoutError:
         raise RequestTimeoutError() from None
     except UNREADABLE_BODY:
