@@ -2,8 +2,8 @@
 
 Starts the fake Manager (as ``make bench`` does) and one target, sends a warm-up order, then
 samples the target with ``py-spy record --format raw --nonblocking`` while wrk loads it at 32
-connections, and prints markdown tables: self time by library (and which gateway module called
-it), and inclusive time of the gateway's own functions.
+connections, and prints markdown tables: self time by what the code is for, by library (and
+which gateway module called it) and by function, and inclusive time of the gateway's functions.
 
     .venv/bin/pip install py-spy        # a tool, not a dependency of the project
     .venv/bin/python bench/profile.py --target gateway --seconds 15 [--raw FILE]
@@ -71,11 +71,46 @@ def gateway_caller(stack_files: Sequence[str]) -> str:
 
 _STARTERS: Final = frozenset({"__main__", "cli", "server", "workers"})
 
+# What the code is for: (row, the gateway modules whose own time it is, the libraries whose time
+# it is wherever they are called from, the libraries whose time it is when one of those modules
+# called them). The first row that claims a sample gets it.
+PURPOSES: Final = (
+    ("aiohttp server (parse, route, middleware dispatch, respond)", (), ("aiohttp server",), ()),
+    ("aiohttp client (the call to Manager)", (), ("aiohttp client", "yarl", "multidict"), ()),
+    ("event loop, tasks, the deadline's timer", (), ("event loop",), ()),
+    ("request log", ("observability",), ("logging", "<frozen posixpath>"), ()),
+    ("metrics (prometheus-client)", (), ("prometheus_client",), ()),
+    ("validation (pydantic and the rule pass)", ("models",), ("pydantic",), ()),
+    ("normalisation", ("normalize",), (), ("normalize",)),
+    ("JSON in and out (codec)", ("codec",), (), ("codec",)),
+    ("middleware and handler, own code",
+     ("middleware", "routes", "intake"), (), ("middleware", "routes")),
+    ("Manager client's own layers (and the token cache)", ("manager", "tokens"), (), ()),
+    ("idempotency, memory store, order pipeline",
+     ("idempotency", "memory", "orders"), (), ("orders", "memory", "idempotency")),
+    ("auth", ("auth",), (), ("auth",)),
+)  # fmt: skip
 
-def summarise_raw(text: str) -> tuple[int, Counter[str], Counter[str], Counter[str]]:
+
+def purpose_of(library: str, caller: str) -> str:
+    """The PURPOSES row of a sample's leaf library and its innermost gateway caller."""
+    own = library.removeprefix("gateway.") if library.startswith("gateway.") else None
+    called_by = caller.removeprefix("gateway.")
+    for row, modules, libraries, callers in PURPOSES:
+        if own is not None and own in modules:
+            return row
+        if own is None and (library in libraries or (caller and called_by in callers)):
+            return row
+    return "other"
+
+
+def summarise_raw(
+    text: str,
+) -> tuple[int, Counter[str], Counter[str], Counter[str], Counter[str]]:
     """Total samples; self time by (library ← caller); inclusive time by gateway function;
-    self time by function."""
+    self time by function; self time by purpose (PURPOSES)."""
     total = 0
+    by_purpose: Counter[str] = Counter()
     by_library: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     by_function: Counter[str] = Counter()
@@ -94,6 +129,7 @@ def summarise_raw(text: str) -> tuple[int, Counter[str], Counter[str], Counter[s
         caller = gateway_caller(files)
         key = library if library.startswith("gateway.") or not caller else f"{library} ← {caller}"
         by_library[key] += count
+        by_purpose[purpose_of(library, caller)] += count
         by_function[f"{func} ({library})"] += count
         seen = set()
         for name, file in frames:
@@ -102,7 +138,7 @@ def summarise_raw(text: str) -> tuple[int, Counter[str], Counter[str], Counter[s
                 if qualified not in seen:
                     seen.add(qualified)
                     inclusive[qualified] += count
-    return total, by_library, inclusive, by_function
+    return total, by_library, inclusive, by_function, by_purpose
 
 
 def render(
@@ -162,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = raw.read_text()
         if args.raw:
             args.raw.write_text(text)
-    total, by_library, inclusive, by_function = summarise_raw(text)
+    total, by_library, inclusive, by_function, by_purpose = summarise_raw(text)
     cpu_us = cpu * 1e6 / (run.rps * args.seconds) if run.rps else None
     print(f"### Profile of *{args.target}*: {total} samples over {args.seconds} s")
     print()
@@ -171,6 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{run.rps:,.0f} req/s while sampled (py-spy slows the target), "
         f"CPU {cpu_us or 0:.0f} µs/req, errors {run.error_count}."
     )
+    print()
+    print("\n".join(render(total, by_purpose, "self time: what for", 20, cpu_us)))
     print()
     print("\n".join(render(total, by_library, "self time: library ← gateway caller", 40, cpu_us)))
     print()
