@@ -100,6 +100,13 @@ class SplicedBody:
 UpstreamBody = bytes | SplicedBody
 
 
+@dataclass(slots=True)
+class CallCount:
+    """How many requests one send made to Manager's order-requests (a token fetch is none)."""
+
+    value: int = 0
+
+
 class _Transient(Exception):
     """An attempt failed in a way that a retry may fix."""
 
@@ -154,11 +161,16 @@ class ManagerClient:
             client.tokens = TokenCache(client._fetch_token, clock=self._clock, shared=self._shared)
         return client
 
-    async def send_order_request(self, target: UpstreamTarget, body: UpstreamBody) -> UpstreamReply:
+    async def send_order_request(
+        self, target: UpstreamTarget, body: UpstreamBody, calls: CallCount | None = None
+    ) -> UpstreamReply:
         """POST the envelope to Manager, retrying transient failures within ``timeout_s``.
 
         The first attempt runs here and a success returns at once: retries, backoff and the token
         refresh are in ``_retry``, a layer the common case does not pass through.
+
+        ``calls``, when given, counts the requests sent to order-requests (retries included): the
+        outbox's ledger reports them as an order's attempts.
 
         Raises:
             UpstreamRejectedError, UpstreamAuthFailedError, OrgKeyRefusedError,
@@ -169,22 +181,22 @@ class ManagerClient:
             # The one deadline: attempts, backoff and the wait for a token all run inside it.
             async with asyncio.timeout(self._config.timeout_s):
                 try:
-                    reply = await self._attempt(target, body)
+                    reply = await self._attempt(target, body, calls)
                 except (_Transient, _TokenRefused) as exc:
-                    return await self._retry(target, body, deadline, exc)
+                    return await self._retry(target, body, deadline, exc, calls)
                 if classify_status(reply.status) is Outcome.SUCCESS:
                     return reply
-                return await self._retry(target, body, deadline, reply)
+                return await self._retry(target, body, deadline, reply, calls)
         except TimeoutError:
             self._metrics.count_upstream("timeout", self._clock())
             raise UpstreamTimeoutError() from None
 
     async def _try(
-        self, target: UpstreamTarget, body: UpstreamBody
+        self, target: UpstreamTarget, body: UpstreamBody, calls: CallCount | None
     ) -> UpstreamReply | _Transient | _TokenRefused:
         """One more attempt (a retry), its failure as a value."""
         try:
-            return await self._attempt(target, body)
+            return await self._attempt(target, body, calls)
         except (_Transient, _TokenRefused) as exc:
             return exc
 
@@ -194,6 +206,7 @@ class ManagerClient:
         body: UpstreamBody,
         deadline: float,
         result: UpstreamReply | _Transient | _TokenRefused,
+        calls: CallCount | None,
     ) -> UpstreamReply:
         """Decide on an attempt's ``result``: return it, fail, or wait and try again."""
         attempt = 0
@@ -213,7 +226,7 @@ class ManagerClient:
                         # The token may have been revoked or expired early: one new token, once.
                         refreshed = True
                         log_event(20, "upstream_token_refused", upstream_status=401)
-                        result = await self._try(target, body)
+                        result = await self._try(target, body, calls)
                         continue
                 if outcome is not Outcome.RETRY:
                     raise self._final_error(target, reply)
@@ -231,9 +244,11 @@ class ManagerClient:
                 reason=failure.reason, delay_ms=round(delay * 1000),
             )  # fmt: skip
             await self._sleep(delay)
-            result = await self._try(target, body)
+            result = await self._try(target, body, calls)
 
-    async def _attempt(self, target: UpstreamTarget, body: UpstreamBody) -> UpstreamReply:
+    async def _attempt(
+        self, target: UpstreamTarget, body: UpstreamBody, calls: CallCount | None
+    ) -> UpstreamReply:
         headers = {"Content-Type": "application/json"}  # User-Agent: the session's default
         token: Token | None = None
         if target.api == "v2":
@@ -243,6 +258,8 @@ class ManagerClient:
             headers["apikey"] = target.key
         url = f"{self._config.base_url}/api/{target.api}/public/orgs/{target.org_id}/order-requests"
         started = time.perf_counter()
+        if calls is not None:
+            calls.value += 1
         reply = await self._post(url, headers, body)
         self._metrics.upstream_duration.observe(time.perf_counter() - started)
         self._metrics.count_upstream(str(reply.status), self._clock())

@@ -86,3 +86,16 @@ def outbox_delay(attempts: int, min_s: float, max_s: float, rand: Callable[[], f
     """
     base = min(max_s, min_s * 2.0 ** max(0, attempts - 1))
     return min(max_s, base * (0.8 + 0.4 * rand()))
+
+
+def order_retry_delay(
+    waited_s: float, min_s: float, max_s: float, rand: Callable[[], float]
+) -> float:
+    """When a stored order is tried again, after it has waited ``waited_s`` since it was stored.
+
+    About as long again as it has waited (so the waits double), at least ``min_s`` and at most
+    ``max_s``, each spread by ±20 %. Judged by age, not by a count of calls: one delivery
+    attempt may be several calls (the Manager client's own quick retries).
+    """
+    base = min(max_s, max(min_s, waited_s))
+    return min(max_s, base * (0.8 + 0.4 * rand()))

@@ -33,7 +33,7 @@ from gateway.outbox.deliverer import (
 from gateway.outbox.redis import RedisOutbox
 from gateway.outbox.sealing import Sealer, new_key
 from gateway.outbox.sqlite import SqliteOutbox
-from gateway.retry import outbox_delay
+from gateway.retry import order_retry_delay, outbox_delay
 
 KEY = SecretStr(new_key())
 TARGET = UpstreamTarget(org_id="demo-org", api="v1", key="org-key")
@@ -47,6 +47,7 @@ class Rig:
     manager: ManagerClient
     metrics: Metrics
     settled: list[LedgerEntry]
+    base_url: str
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -84,7 +85,7 @@ async def rig(
             sleep=fake_time.sleep,
             rand=lambda: 0.5,
         )
-        yield Rig(outbox, store, manager, metrics, settled), fake.statuses
+        yield Rig(outbox, store, manager, metrics, settled, base_url), fake.statuses
     await store.close()
 
 
@@ -130,8 +131,9 @@ async def test_a_transient_failure_backs_off_then_delivers(
     fake_time.now += 9.9  # the first retry comes after retry_min_s (10 s, jitter 0 at rand 0.5)
     assert await r.outbox.run_once({"acme": TARGET}, r.manager) == 0
     fake_time.now += 0.2
-    assert await r.outbox.run_once({"acme": TARGET}, r.manager) == 1  # 503 again: 20 s next
-    fake_time.now += 19.9
+    # 503 again: the order has waited 10.1 s, so it waits about as long again (the waits double)
+    assert await r.outbox.run_once({"acme": TARGET}, r.manager) == 1
+    fake_time.now += 10.0
     assert await r.outbox.run_once({"acme": TARGET}, r.manager) == 0
     fake_time.now += 0.2
     assert await r.outbox.run_once({"acme": TARGET}, r.manager) == 1
@@ -240,6 +242,23 @@ async def test_refreshed_metrics_show_depth_and_the_oldest_age(
 
 
 @pytest.mark.parametrize(
+    ("waited", "rand", "expected"),
+    [
+        (0, 0.5, 5.0),
+        (3, 0.5, 5.0),
+        (10, 0.5, 10.0),
+        (16, 0.0, 12.8),
+        (20, 1.0, 24.0),
+        (900, 1.0, 60.0),
+    ],
+)
+def test_a_stored_order_waits_about_as_long_again_as_it_has_waited(
+    waited: float, rand: float, expected: float
+) -> None:
+    assert order_retry_delay(waited, 5, 60, lambda: rand) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
     ("attempts", "rand", "expected"),
     [(1, 0.5, 5.0), (2, 0.5, 10.0), (3, 0.0, 16.0), (3, 1.0, 24.0), (9, 1.0, 60.0), (0, 0.5, 5.0)],
 )
@@ -319,3 +338,25 @@ def test_a_settled_orders_callback_id_is_the_same_each_time_it_is_made() -> None
     later_order = LedgerEntry("acme", "R-1", "org", OrderStatus.DELIVERED, 1, 200.0, 220.0)
     assert settled_message_id(other_news) != settled_message_id(entry)
     assert settled_message_id(later_order) != settled_message_id(entry)
+
+
+async def test_attempts_count_every_request_to_order_requests_quick_retries_included(
+    rig: tuple[Rig, list[int]], fake_time: FakeTime
+) -> None:
+    r, statuses = rig
+    statuses.extend([503, 502, 503])
+    manager = r.manager.with_config(
+        ManagerConfig(base_url=r.base_url, api="v1", timeout_s=5, retries=2)
+    )
+    stored = await r.outbox.forward(
+        partner="acme", reference="R-1", target=TARGET, body=BODY,
+        send=manager.send_order_request, key="k", fingerprint="fp", ttl_s=60, lease_s=30,
+        request_id=None,
+    )  # fmt: skip
+    assert stored.queued
+    entry = await r.store.get("acme", "R-1")
+    assert entry is not None and entry.attempts == 3  # one attempt: three requests
+    fake_time.now += 11
+    await r.outbox.run_once({"acme": TARGET}, manager)
+    entry = await r.store.get("acme", "R-1")
+    assert entry is not None and (entry.status, entry.attempts) == (OrderStatus.DELIVERED, 4)

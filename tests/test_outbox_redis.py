@@ -132,7 +132,8 @@ async def test_an_order_queued_through_one_app_is_delivered_by_the_others_delive
 
     assert [r["envelope"]["external_reference"] for r in sandbox_state.received] == ["SHARED-1"]
     status = await first.status("SHARED-1")
-    assert (status["status"], status["attempts"]) == ("delivered", 2)
+    # One request reached order-requests: in the outage, the token endpoint was down too.
+    assert (status["status"], status["attempts"]) == ("delivered", 1)
 
 
 async def test_an_order_left_leased_by_a_dead_process_is_sent_once_its_lease_lapses(
@@ -191,7 +192,7 @@ async def test_the_outbox_commands_read_and_change_the_redis_outbox(
     for reference in ("Q-1", "F-1"):
         order = NewOrder("acme", reference, "demo-org", b"sealed", now - 60, now, now + 3600)
         await store.put(order, Remember(f"key-{reference}", "fp", None, 0))
-    await store.settle("acme", "F-1", Settlement(OrderStatus.FAILED, now, attempted=False))
+    await store.settle("acme", "F-1", Settlement(OrderStatus.FAILED, now, calls=0))
 
     async def run(*argv: str) -> int:
         return await asyncio.to_thread(main, ["outbox", *argv, "--config", str(path)])
@@ -318,4 +319,4 @@ async def test_two_processes_share_one_queue_and_deliver_each_order_once(
             document = await order_status(session, urls[(i + 1) % 2], reference)
             assert document["status"] == "delivered"
             assert document["order_request_id"]
-            assert document["attempts"] >= 2  # the inline attempt in the outage, then the one
+            assert document["attempts"] >= 1  # at least the request that Manager took

@@ -31,7 +31,7 @@ SETTLEMENTS = [
     Settlement(
         OrderStatus.QUEUED, 1020.5, next_attempt_at=1040, event=LedgerEvent("retry", None, 1020)
     ),
-    Settlement(OrderStatus.FAILED, 1050, attempted=False, last_error="upstream_timeout"),
+    Settlement(OrderStatus.FAILED, 1050, calls=0, last_error="upstream_timeout"),
     Settlement(
         OrderStatus.DELIVERED,
         1060,

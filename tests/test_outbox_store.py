@@ -259,7 +259,7 @@ async def test_attempts_add_up_and_an_unattempted_result_does_not_count(
     await put(store)
     await store.settle("acme", "TM-1", retry_at(T0 + 1, T0 + 2))
     await store.settle("acme", "TM-1", retry_at(T0 + 2, T0 + 3))
-    undeliverable = Settlement(OrderStatus.QUEUED, T0 + 3, attempted=False, next_attempt_at=T0 + 4)
+    undeliverable = Settlement(OrderStatus.QUEUED, T0 + 3, calls=0, next_attempt_at=T0 + 4)
 
     entry = await store.settle("acme", "TM-1", undeliverable)
 
@@ -271,9 +271,7 @@ async def test_the_last_error_stays_until_another_one_or_a_delivery(store: Outbo
     await store.settle("acme", "TM-1", retry_at(T0 + 1, T0 + 2, "upstream_timeout"))
     await store.settle("acme", "TM-1", retry_at(T0 + 2, T0 + 3, "upstream_unavailable"))
 
-    failed = await store.settle(
-        "acme", "TM-1", Settlement(OrderStatus.FAILED, T0 + 3, attempted=False)
-    )
+    failed = await store.settle("acme", "TM-1", Settlement(OrderStatus.FAILED, T0 + 3, calls=0))
     assert failed is not None and failed.last_error == "upstream_unavailable"  # still says why
 
     await store.requeue("acme", "TM-1", T0 + 4, T0 + 5000)
@@ -289,7 +287,7 @@ async def test_failed_keeps_the_body_and_is_not_due(backend: Backend) -> None:
     entry = await store.settle(
         "acme",
         "TM-1",
-        Settlement(OrderStatus.FAILED, T0 + 3, attempted=False, last_error="upstream_unavailable"),
+        Settlement(OrderStatus.FAILED, T0 + 3, calls=0, last_error="upstream_unavailable"),
     )
 
     assert entry is not None
@@ -307,7 +305,7 @@ async def test_manager_id_and_status_are_kept_when_a_result_brings_none(
     later = Settlement(
         OrderStatus.DELIVERED,
         T0 + 2,
-        attempted=False,
+        calls=0,
         manager_status="accepted",
         event=LedgerEvent("order_request_status_changed", "accepted", T0 + 2),
     )
@@ -336,7 +334,7 @@ async def test_a_late_result_after_a_drop_changes_nothing_but_managers_final_wor
 
     for late in (
         retry_at(T0 + 2, T0 + 3),
-        Settlement(OrderStatus.FAILED, T0 + 2, attempted=False),
+        Settlement(OrderStatus.FAILED, T0 + 2, calls=0),
     ):
         entry = await store.settle("acme", "TM-1", late)
         assert entry is not None
@@ -426,7 +424,7 @@ async def test_the_record_is_written_even_when_the_order_is_gone(store: OutboxSt
 
 
 async def fail(store: OutboxStore, reference: str = "TM-1", *, now: float = T0 + 5) -> None:
-    await store.settle("acme", reference, Settlement(OrderStatus.FAILED, now, attempted=False))
+    await store.settle("acme", reference, Settlement(OrderStatus.FAILED, now, calls=0))
 
 
 async def test_requeue_takes_only_a_failed_order_back_due_now(store: OutboxStore) -> None:

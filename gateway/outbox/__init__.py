@@ -95,7 +95,7 @@ class Settlement:
 
     status: OrderStatus
     now: float
-    attempted: bool = True  # one more call to Manager was made
+    calls: int = 1  # requests to Manager's order-requests this result took (0: none)
     next_attempt_at: float | None = None
     last_error: str | None = None
     order_request_id: str | None = None

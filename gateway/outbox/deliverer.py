@@ -11,7 +11,7 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Final
 from urllib.parse import quote
 
@@ -24,7 +24,7 @@ from gateway.errors import (
     UpstreamError,
     UpstreamRejectedError,
 )
-from gateway.manager import ManagerClient, UpstreamReply, UpstreamTarget
+from gateway.manager import CallCount, ManagerClient, UpstreamReply, UpstreamTarget
 from gateway.observability import Metrics, log_event
 from gateway.outbox import (
     DueOrder,
@@ -37,7 +37,7 @@ from gateway.outbox import (
 )
 from gateway.outbox.polling import run_polling
 from gateway.outbox.sealing import Sealer, SealError
-from gateway.retry import outbox_delay
+from gateway.retry import order_retry_delay
 from gateway.state import StoredReply
 
 STATUS_PATH: Final = "/api/v1/external-order/{reference}"
@@ -122,7 +122,7 @@ class Outbox:
         reference: str,
         target: UpstreamTarget,
         body: bytes,
-        send: Callable[[UpstreamTarget, bytes], Awaitable[UpstreamReply]],
+        send: Callable[[UpstreamTarget, bytes, CallCount], Awaitable[UpstreamReply]],
         key: str,
         fingerprint: str,
         ttl_s: float,
@@ -140,29 +140,29 @@ class Outbox:
         queued = build_queued_reply(reference, request_id)
         # A queued order is replayed as queued for as long as it may still be delivered.
         queued_ttl = max(ttl_s, config.max_age_s)
-        await self.store.put(
-            NewOrder(
-                partner=partner,
-                reference=reference,
-                org_id=target.org_id,
-                sealed=self.sealer.seal(body),
-                now=now,
-                lease_until=now + lease_s,
-                expires_at=now + config.max_age_s,
-            ),
-            Remember(key, fingerprint, queued, queued_ttl),
+        stored_order = NewOrder(
+            partner=partner,
+            reference=reference,
+            org_id=target.org_id,
+            sealed=self.sealer.seal(body),
+            now=now,
+            lease_until=now + lease_s,
+            expires_at=now + config.max_age_s,
         )
+        await self.store.put(stored_order, Remember(key, fingerprint, queued, queued_ttl))
+        calls = CallCount()
         try:
-            reply = await send(target, body)
+            reply = await send(target, body, calls)
         except UpstreamRejectedError as exc:
             forget = Remember(key, fingerprint, None, 0)
-            await self._settle_quietly(partner, reference, _rejected(self._clock(), exc), forget)
+            rejected = _rejected(self._clock(), exc, calls.value)
+            await self._settle_quietly(partner, reference, rejected, forget)
             self._metrics.outbox_deliveries.labels(result="rejected").inc()
             raise
         except UpstreamError as exc:
             # Manager cannot take it now (or refuses the gateway's own credential: the
             # operator's to fix): the partner has it stored, the deliverer takes over.
-            settlement = self._retry_later(1, exc.code, self._clock())
+            settlement = self._retry_later(stored_order, exc.code, self._clock(), calls.value)
             await self._settle_quietly(partner, reference, settlement)
             self._metrics.outbox_deliveries.labels(result="retried").inc()
             log_event(30, "order_queued", code=exc.code)
@@ -171,7 +171,7 @@ class Outbox:
         await self._settle_quietly(
             partner,
             reference,
-            _delivered(self._clock(), reply),
+            _delivered(self._clock(), reply, calls.value),
             Remember(key, fingerprint, stored, ttl_s),
         )
         self._metrics.outbox_deliveries.labels(result="delivered").inc()
@@ -192,10 +192,18 @@ class Outbox:
             log_event(40, "outbox_settle_failed", result=settlement.status.value)
             return None
 
-    def _retry_later(self, attempts: int, code: str, now: float) -> Settlement:
+    def _retry_later(
+        self, order: NewOrder | DueOrder, code: str, now: float, calls: int
+    ) -> Settlement:
+        """Queued again: about as long again as the order has waited, never past its end
+        (it is given up on time, not one backoff later)."""
         config = self.config
-        delay = outbox_delay(attempts, config.retry_min_s, config.retry_max_s, self._rand)
-        return Settlement(OrderStatus.QUEUED, now, next_attempt_at=now + delay, last_error=code)
+        waited = now - (order.now if isinstance(order, NewOrder) else order.created_at)
+        delay = order_retry_delay(waited, config.retry_min_s, config.retry_max_s, self._rand)
+        next_at = min(now + delay, order.expires_at)
+        return Settlement(
+            OrderStatus.QUEUED, now, calls=calls, next_attempt_at=next_at, last_error=code
+        )
 
     # --- the deliverer -----------------------------------------------------------------------
 
@@ -238,7 +246,6 @@ class Outbox:
         self, order: DueOrder, targets: Mapping[str, UpstreamTarget], manager: ManagerClient
     ) -> None:
         now = self._clock()
-        attempts = order.attempts + 1
         if now >= order.expires_at:
             await self._give_up(order, now)
             return
@@ -249,29 +256,27 @@ class Outbox:
             body = self.sealer.open(order.sealed)
         except (SealError, _Undeliverable) as exc:
             log_event(40, "outbox_order_undeliverable", partner=order.partner, reason=str(exc))
-            settlement = self._retry_later(attempts, GatewayError.code, now)
-            await self._settle(order, replace(settlement, attempted=False))
+            await self._settle(order, self._retry_later(order, GatewayError.code, now, 0))
             return
+        calls = CallCount()
         try:
-            reply = await manager.send_order_request(target, body)
+            reply = await manager.send_order_request(target, body, calls)
         except UpstreamRejectedError as exc:
-            await self._settle(order, _rejected(self._clock(), exc), result="rejected")
+            rejected = _rejected(self._clock(), exc, calls.value)
+            await self._settle(order, rejected, result="rejected")
         except UpstreamError as exc:
-            settlement = self._retry_later(attempts, exc.code, self._clock())
-            # Not past the order's end: it is given up on time, not one backoff later.
-            next_at = min(settlement.next_attempt_at or now, order.expires_at)
-            await self._settle(
-                order, replace(settlement, next_attempt_at=next_at), result="retried"
-            )
+            settlement = self._retry_later(order, exc.code, self._clock(), calls.value)
+            await self._settle(order, settlement, result="retried")
         except Exception:  # a bug must not stop the deliverer: the order waits for a fix
             log_event(40, "outbox_delivery_error", partner=order.partner, exc_info=True)
-            await self._settle(order, self._retry_later(attempts, GatewayError.code, now))
+            await self._settle(order, self._retry_later(order, GatewayError.code, now, calls.value))
         else:
-            await self._settle(order, _delivered(self._clock(), reply), result="delivered")
+            delivered = _delivered(self._clock(), reply, calls.value)
+            await self._settle(order, delivered, result="delivered")
 
     async def _give_up(self, order: DueOrder, now: float) -> None:
         entry = await self._settle(
-            order, Settlement(OrderStatus.FAILED, now, attempted=False), result="failed"
+            order, Settlement(OrderStatus.FAILED, now, calls=0), result="failed"
         )
         log_event(
             40, "outbox_order_failed", partner=order.partner,
@@ -320,7 +325,7 @@ def _announced_entry(order: DueOrder, settlement: Settlement) -> LedgerEntry:
         reference=order.reference,
         org_id=order.org_id,
         status=settlement.status,
-        attempts=order.attempts + int(settlement.attempted),
+        attempts=order.attempts + settlement.calls,
         created_at=order.created_at,
         updated_at=settlement.now,
         order_request_id=settlement.order_request_id,
@@ -329,15 +334,16 @@ def _announced_entry(order: DueOrder, settlement: Settlement) -> LedgerEntry:
     )
 
 
-def _delivered(now: float, reply: UpstreamReply) -> Settlement:
+def _delivered(now: float, reply: UpstreamReply, calls: int) -> Settlement:
     order_request_id, manager_status = parse_manager_reply(reply.body)
     return Settlement(
         OrderStatus.DELIVERED,
         now,
+        calls=calls,
         order_request_id=order_request_id,
         manager_status=manager_status,
     )
 
 
-def _rejected(now: float, exc: UpstreamRejectedError) -> Settlement:
-    return Settlement(OrderStatus.REJECTED, now, last_error=exc.code)
+def _rejected(now: float, exc: UpstreamRejectedError, calls: int) -> Settlement:
+    return Settlement(OrderStatus.REJECTED, now, calls=calls, last_error=exc.code)

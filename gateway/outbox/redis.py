@@ -150,7 +150,7 @@ class RedisOutbox(RedisStore):
         event = settlement.event
         args = [
             build_member(partner, reference), settlement.status.value, _time(settlement.now),
-            int(settlement.attempted), _time(settlement.next_attempt_at or settlement.now),
+            settlement.calls, _time(settlement.next_attempt_at or settlement.now),
             _optional(settlement.last_error), _optional(settlement.order_request_id),
             _optional(settlement.manager_status),
             _optional(None if event is None else _dump_event(event)),

@@ -79,7 +79,7 @@ return 1
 """
 )
 
-# ARGV member, status, now, attempted (0/1), next attempt, then optional values ('' for none,
+# ARGV member, status, now, calls made, next attempt, then optional values ('' for none,
 # else '=' and the value): last error, Manager's id, Manager's status, event (JSON); remember (6);
 # the prefix of the keys that lead from Manager's ids to orders.
 SETTLE: Final = (

@@ -352,7 +352,7 @@ class SqliteOutbox:
                 "body = CASE WHEN ? THEN NULL ELSE body END "
                 "WHERE partner = ? AND reference = ?",
                 (
-                    status.value, int(settlement.attempted), settlement.now, next_at,
+                    status.value, settlement.calls, settlement.now, next_at,
                     settlement.last_error, status is OrderStatus.DELIVERED,
                     settlement.order_request_id,
                     settlement.manager_status, _dump_events(events), status in SETTLED,
@@ -363,7 +363,7 @@ class SqliteOutbox:
             return replace(
                 entry,
                 status=status,
-                attempts=entry.attempts + int(settlement.attempted),
+                attempts=entry.attempts + settlement.calls,
                 updated_at=float(settlement.now),  # a REAL column
                 last_error=_coalesce(
                     settlement.last_error,
