@@ -12,7 +12,6 @@ outlive a crash (the order itself is in the file by then, or was never answered 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sqlite3
 import time
@@ -20,7 +19,7 @@ from collections.abc import Callable
 from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Final, TypeVar
 
 from gateway.errors import StateUnavailableError
 from gateway.observability import log_event
@@ -30,7 +29,6 @@ from gateway.outbox import (
     DueOrder,
     IncomingWebhook,
     LedgerEntry,
-    LedgerEvent,
     NewOrder,
     OrderStatus,
     OutboxStats,
@@ -39,6 +37,14 @@ from gateway.outbox import (
     WebhookResult,
 )
 from gateway.outbox.sealing import Sealer, SealError
+from gateway.outbox.sqlite_rows import LEDGER_COLUMNS, dump_events, select_entry, to_entry
+from gateway.outbox.sqlite_webhooks import (
+    WEBHOOK_SCHEMA,
+    insert_callback,
+    record_webhook,
+    settle_callback,
+    take_due_callbacks,
+)
 from gateway.outbox.writer import SqliteWriter
 from gateway.state import Claim, ClaimStatus, StoredReply
 from gateway.state.memory import MemoryStore
@@ -66,25 +72,6 @@ _SCHEMA: Final = (
     """CREATE TABLE idempotency (
         key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, status INTEGER NOT NULL,
         content_type TEXT NOT NULL, body BLOB NOT NULL, expires_at REAL NOT NULL)""",
-)
-# Section 11's tables, added to any outbox file the serving process opens (idempotent).
-_WEBHOOK_SCHEMA: Final = (
-    "CREATE TABLE IF NOT EXISTS webhook_deliveries (id TEXT PRIMARY KEY, expires_at REAL NOT NULL)",
-    """CREATE TABLE IF NOT EXISTS callbacks (
-        id TEXT PRIMARY KEY, partner TEXT NOT NULL, type TEXT NOT NULL, reference TEXT NOT NULL,
-        status TEXT NOT NULL, order_request_id TEXT, manager_status TEXT, event TEXT,
-        created_at REAL NOT NULL, expires_at REAL NOT NULL, attempts INTEGER NOT NULL,
-        next_at REAL NOT NULL, leased INTEGER NOT NULL DEFAULT 0)""",
-    "CREATE INDEX IF NOT EXISTS callbacks_due ON callbacks (next_at)",
-    "CREATE INDEX IF NOT EXISTS orders_reference ON orders (org_id, reference)",
-)
-_CALLBACK_COLUMNS: Final = (
-    "id, partner, type, reference, status, order_request_id, manager_status, event, "
-    "created_at, expires_at, attempts"
-)
-_LEDGER_COLUMNS: Final = (
-    "partner, reference, org_id, status, attempts, created_at, updated_at, "
-    "order_request_id, manager_status, last_error, events"
 )
 
 
@@ -211,7 +198,7 @@ class SqliteOutbox:
 
     def _add_webhook_tables(self, connection: sqlite3.Connection) -> None:
         connection.execute("BEGIN IMMEDIATE")
-        for statement in _WEBHOOK_SCHEMA:
+        for statement in WEBHOOK_SCHEMA:
             connection.execute(statement)
         connection.execute("COMMIT")
 
@@ -331,7 +318,7 @@ class SqliteOutbox:
         def write(connection: sqlite3.Connection) -> LedgerEntry | None:
             if remember is not None:
                 _remember(connection, remember, settlement.now)
-            entry = _select_entry(connection, partner, reference)
+            entry = select_entry(connection, partner, reference)
             if entry is None:
                 return None
             if not _applies(entry.status, settlement.status):
@@ -355,7 +342,7 @@ class SqliteOutbox:
                     status.value, settlement.calls, settlement.now, next_at,
                     settlement.last_error, status is OrderStatus.DELIVERED,
                     settlement.order_request_id,
-                    settlement.manager_status, _dump_events(events), status in SETTLED,
+                    settlement.manager_status, dump_events(events), status in SETTLED,
                     partner, reference,
                 ),
             )  # fmt: skip
@@ -381,7 +368,7 @@ class SqliteOutbox:
                 self._pending.pop(remember.key, None)
 
     async def get(self, partner: str, reference: str) -> LedgerEntry | None:
-        return await self._run(lambda c: _select_entry(c, partner, reference), writes=False)
+        return await self._run(lambda c: select_entry(c, partner, reference), writes=False)
 
     async def list_entries(
         self, status: OrderStatus | None = None, limit: int = 100
@@ -389,10 +376,10 @@ class SqliteOutbox:
         def read(connection: sqlite3.Connection) -> list[LedgerEntry]:
             where, args = ("WHERE status = ?", [status.value]) if status else ("", [])
             rows = connection.execute(
-                f"SELECT {_LEDGER_COLUMNS} FROM orders {where} ORDER BY updated_at DESC LIMIT ?",
+                f"SELECT {LEDGER_COLUMNS} FROM orders {where} ORDER BY updated_at DESC LIMIT ?",
                 (*args, limit),
             ).fetchall()
-            return [_to_entry(row) for row in rows]
+            return [to_entry(row) for row in rows]
 
         return await self._run(read)
 
@@ -449,118 +436,20 @@ class SqliteOutbox:
     # --- Manager's webhooks and partner callbacks ----------------------------------------------
 
     async def record_webhook(self, webhook: IncomingWebhook) -> WebhookResult:
-        return await self._run(lambda c: _record_webhook(c, webhook))
+        return await self._run(lambda c: record_webhook(c, webhook))
 
     async def put_callback(self, message: CallbackMessage) -> None:
-        await self._run(lambda c: _insert_callback(c, message, message.created_at))
+        await self._run(lambda c: insert_callback(c, message, message.created_at))
 
     async def take_due_callbacks(
         self, now: float, lease_s: float, limit: int
     ) -> list[CallbackMessage]:
-        def take(connection: sqlite3.Connection) -> list[CallbackMessage]:
-            rows = connection.execute(
-                f"SELECT {_CALLBACK_COLUMNS} FROM callbacks WHERE next_at <= ? "
-                "ORDER BY next_at LIMIT ?",
-                (now, limit),
-            ).fetchall()
-            connection.executemany(
-                "UPDATE callbacks SET next_at = ?, leased = 1 WHERE id = ?",
-                [(now + lease_s, row[0]) for row in rows],
-            )
-            return [CallbackMessage(*row) for row in rows]
-
-        return await self._run(take)
+        return await self._run(lambda c: take_due_callbacks(c, now, lease_s, limit))
 
     async def settle_callback(
         self, message_id: str, now: float, next_attempt_at: float | None
     ) -> None:
-        def write(connection: sqlite3.Connection) -> None:
-            if next_attempt_at is None:
-                connection.execute("DELETE FROM callbacks WHERE id = ?", (message_id,))
-                return
-            connection.execute(
-                "UPDATE callbacks SET next_at = ?, leased = 0, attempts = attempts + 1 "
-                "WHERE id = ?",
-                (next_attempt_at, message_id),
-            )
-
-        await self._run(write)
-
-
-def _record_webhook(connection: sqlite3.Connection, webhook: IncomingWebhook) -> WebhookResult:
-    seen = connection.execute(
-        "SELECT 1 FROM webhook_deliveries WHERE id = ? AND expires_at > ?",
-        (webhook.delivery_id, webhook.now),
-    ).fetchone()
-    if seen is not None:
-        return WebhookResult.DUPLICATE
-    connection.execute(
-        "INSERT OR REPLACE INTO webhook_deliveries VALUES (?, ?)",
-        (webhook.delivery_id, webhook.dedupe_until),
-    )
-    found = _match(connection, webhook)
-    if found is None:
-        return WebhookResult.IGNORED
-    partner, reference = found
-    entry = _select_entry(connection, partner, reference)
-    assert entry is not None  # matched in this transaction
-    events = (*entry.events, webhook.event)
-    connection.execute(
-        "UPDATE orders SET events = ?, manager_status = coalesce(?, manager_status), "
-        "order_request_id = coalesce(order_request_id, ?), updated_at = ? "
-        "WHERE partner = ? AND reference = ?",
-        (
-            _dump_events(events), webhook.manager_status, webhook.order_request_id, webhook.now,
-            partner, reference,
-        ),
-    )  # fmt: skip
-    if partner in webhook.callback_partners:
-        updated = _select_entry(connection, partner, reference)
-        assert updated is not None
-        message = CallbackMessage(
-            id=webhook.callback_id, partner=partner, type="order.updated", reference=reference,
-            status=updated.status.value, order_request_id=updated.order_request_id,
-            manager_status=updated.manager_status, event=webhook.event.type,
-            created_at=webhook.now, expires_at=webhook.callback_expires_at,
-        )  # fmt: skip
-        _insert_callback(connection, message, webhook.now)
-    return WebhookResult.ACCEPTED
-
-
-def _match(connection: sqlite3.Connection, webhook: IncomingWebhook) -> tuple[str, str] | None:
-    """The order an event is about: by Manager's id, else by reference among orders without
-    another Manager id (the most recently updated, when partners share a reference)."""
-    partners = sorted(webhook.org_partners)
-    among = f"partner IN ({', '.join('?' * len(partners))})"
-    row = None
-    if webhook.order_request_id is not None:
-        row = connection.execute(
-            f"SELECT partner, reference FROM orders WHERE org_id = ? AND {among} "
-            "AND order_request_id = ? ORDER BY updated_at DESC LIMIT 1",
-            (webhook.org_id, *partners, webhook.order_request_id),
-        ).fetchone()
-    if row is None and webhook.reference is not None:
-        row = connection.execute(
-            f"SELECT partner, reference FROM orders WHERE org_id = ? AND {among} "
-            "AND reference = ? AND (order_request_id IS NULL OR ? IS NULL) "
-            "ORDER BY updated_at DESC LIMIT 1",
-            (webhook.org_id, *partners, webhook.reference, webhook.order_request_id),
-        ).fetchone()
-    return None if row is None else (row[0], row[1])
-
-
-def _insert_callback(
-    connection: sqlite3.Connection, message: CallbackMessage, next_at: float
-) -> None:
-    connection.execute(
-        f"INSERT OR IGNORE INTO callbacks ({_CALLBACK_COLUMNS}, next_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            message.id, message.partner, message.type, message.reference, message.status,
-            message.order_request_id, message.manager_status, message.event, message.created_at,
-            message.expires_at, message.attempts, next_at,
-        ),
-    )  # fmt: skip
+        await self._run(lambda c: settle_callback(c, message_id, next_attempt_at))
 
 
 def _read_canary(connection: sqlite3.Connection) -> bytes:
@@ -602,42 +491,6 @@ def _remember(connection: sqlite3.Connection, remember: Remember, now: float) ->
             now + remember.ttl_s,
         ),
     )  # fmt: skip
-
-
-def _select_entry(
-    connection: sqlite3.Connection, partner: str, reference: str
-) -> LedgerEntry | None:
-    row = connection.execute(
-        f"SELECT {_LEDGER_COLUMNS} FROM orders WHERE partner = ? AND reference = ?",
-        (partner, reference),
-    ).fetchone()
-    return None if row is None else _to_entry(row)
-
-
-def _to_entry(row: tuple[Any, ...]) -> LedgerEntry:
-    (partner, reference, org_id, status, attempts, created, updated, manager_id, manager_status,
-     last_error, events) = row  # fmt: skip
-    return LedgerEntry(
-        partner=partner,
-        reference=reference,
-        org_id=org_id,
-        status=OrderStatus(status),
-        attempts=attempts,
-        created_at=created,
-        updated_at=updated,
-        order_request_id=manager_id,
-        manager_status=manager_status,
-        last_error=last_error,
-        events=tuple(LedgerEvent(e["type"], e.get("status"), e["at"]) for e in json.loads(events)),
-    )
-
-
-def _dump_event(event: LedgerEvent) -> str:
-    return json.dumps({"type": event.type, "status": event.status, "at": event.at})
-
-
-def _dump_events(events: tuple[LedgerEvent, ...]) -> str:
-    return "[" + ",".join(_dump_event(event) for event in events) + "]"
 
 
 def _describe(exc: BaseException) -> str:
